@@ -1,0 +1,1 @@
+"""The hierdsl runtime: IR → JAX simulators, token layout, networks, training, posteriors."""
