@@ -157,6 +157,9 @@ class Variable:
     stochastic: whether `expr` is a distribution (`~`) or a value (`=`).
     shape: the shape of one draw (per site for site roles).
     deps: the model variables `expr` reads.
+    coords: for a function-valued per-site variable (e.g. an observation at per-site times), the
+        inputs whose elements are its coordinates along axis 0, decided by the checker from the
+        dependency graph and shapes; the tokeniser attaches them to each element's token.
     """
 
     name: str
@@ -167,6 +170,7 @@ class Variable:
     dtype: str
     support: Support
     deps: tuple[str, ...] = ()
+    coords: tuple[str, ...] = ()
     span: Span = field(default=NO_SPAN, compare=False, repr=False)
 
     @property
@@ -186,6 +190,7 @@ class Variable:
             "dtype": self.dtype,
             "support": self.support.to_json(),
             "deps": list(self.deps),
+            "coords": list(self.coords),
             "expr": self.expr.to_json(),
         }
         if spans:
@@ -197,7 +202,7 @@ class Variable:
         return Variable(
             obj["name"], obj["role"], obj["stochastic"], E.from_json(obj["expr"]),
             tuple(obj["shape"]), obj["dtype"], Support.from_json(obj["support"]),
-            tuple(obj["deps"]), _span_from_json(obj.get("span")),
+            tuple(obj["deps"]), tuple(obj.get("coords", ())), _span_from_json(obj.get("span")),
         )
 
 
