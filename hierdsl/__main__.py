@@ -1,0 +1,5 @@
+import sys
+
+from hierdsl.cli import main
+
+sys.exit(main())
