@@ -24,7 +24,7 @@ from . import builtins as bi
 from .builtins import UNKNOWN, Abs, ShapeError
 from .errors import Diagnostic, HsbiError, did_you_mean, error, warning
 from .ir import (
-    Constant, E, ExternIR, FunctionIR, ModelIR, Support, Variable, lit,
+    Constant, E, ExternIR, FunctionIR, ModelIR, Support, Variable, freeze, lit,
 )
 
 FOLD_LIMIT = 4096  # largest static value folded into a literal
@@ -497,14 +497,12 @@ def _abs_key(a: Abs) -> tuple:
 
 
 def _to_list(value: Optional[np.ndarray], dtype: str) -> Any:
+    """A static value as plain Python numbers in nested tuples (hashable, JSON-able)."""
     if value is None:
         return None
     array = np.asarray(value)
-    if dtype == "float":
-        return array.astype(np.float64).tolist()
-    if dtype == "int":
-        return array.astype(np.int64).tolist()
-    return array.astype(bool).tolist()
+    kind = {"float": np.float64, "int": np.int64}.get(dtype, bool)
+    return freeze(array.astype(kind).tolist())
 
 
 def _walk(node: E):

@@ -28,7 +28,7 @@ IR_VERSION = 1
 
 # Every expression tag, with its meaning (args are child `E` nodes; data is static):
 TAGS = {
-    "lit": "literal; data = (value, dtype) with dtype in float/int/bool; value may be a nested list",
+    "lit": "literal; data = (value, dtype), dtype float/int/bool/str; arrays are nested tuples",
     "var": "a model variable, model argument or function-local name; data = (name,)",
     "const": "a constant; data = (const id,)",
     "neg": "-a", "pos": "+a", "not": "!a",
@@ -80,27 +80,31 @@ class E:
         )
 
 
+def freeze(value: Any) -> Any:
+    """Nested lists → nested tuples, so array-valued literals are hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return {"tuple": [_jsonable(v) for v in value]}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return {"float": repr(value)}
     return value
 
 
 def _from_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        if "tuple" in value:
-            return tuple(_from_jsonable(v) for v in value["tuple"])
-        if "float" in value:
-            return float(value["float"])
+    if isinstance(value, dict) and "float" in value:
+        return float(value["float"])
     if isinstance(value, list):
-        return [_from_jsonable(v) for v in value]
+        return tuple(_from_jsonable(v) for v in value)
     return value
 
 
 def lit(value: Any, dtype: str = "float") -> E:
-    return E("lit", (), (value, dtype))
+    return E("lit", (), (freeze(value), dtype))
 
 
 def var(name: str) -> E:
@@ -214,7 +218,7 @@ def _span_from_json(obj: Optional[dict]) -> Span:
 
 @dataclass(frozen=True)
 class Constant:
-    """A constant, evaluated at compile time. `value` is a float/int/bool or nested list."""
+    """A constant, evaluated at compile time. `value` is a float/int/bool or nested tuple."""
 
     id: str
     value: Any
