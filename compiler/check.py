@@ -403,7 +403,7 @@ class Checker:
         if role_word in ("observe", "input") and not site:
             what = "observations" if role_word == "observe" else "inputs"
             self.err(f"{what} must be per site: `{role_word}` outside `sites`", stmt.span,
-                     f"move this statement inside the `sites` block")
+                     "move this statement inside the `sites` block")
             return
         if isinstance(stmt, ast.Assign) and len(stmt.targets) > 1:
             self.err("destructuring is only allowed inside functions", stmt.span,
@@ -426,7 +426,7 @@ class Checker:
             if isinstance(stmt, ast.Tilde):
                 node, value = tr.expr(stmt.dist)
                 if value.dist is None and not value.unknown:
-                    self.err(f"the right of `~` must be a distribution", stmt.dist.span,
+                    self.err("the right of `~` must be a distribution", stmt.dist.span,
                              f"e.g. `{name} ~ Normal(0.0, 1.0)`; use `=` for a computed value")
                     raise _Skip
             else:

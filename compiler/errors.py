@@ -8,7 +8,7 @@ raise one `HsbiError` holding all errors, so a user sees every problem at once.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from .ast import NO_SPAN, Span

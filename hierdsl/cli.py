@@ -8,32 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 from hierdsl import __version__
 from hierdsl.compiler.errors import HsbiError
+from hierdsl.files import atomic_write
 
 
 class UserError(Exception):
     """A problem with the user's input that is not in a model file (e.g. a bad `--arg`)."""
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _parse_args(pairs: Sequence[str]) -> dict:
