@@ -1011,6 +1011,9 @@ class Translator:
         return E("vector", tuple(e for e, _ in pairs)), Abs((len(pairs), *inner), dtype, value)
 
     def x_MatrixLit(self, node: ast.MatrixLit):
+        if all(len(r) == 1 for r in node.rows):
+            # `[a; b]` concatenates vertically, as in Julia: for scalars that is a vector.
+            return self.x_VectorLit(ast.VectorLit(tuple(r[0] for r in node.rows), span=node.span))
         widths = {len(r) for r in node.rows}
         if len(widths) != 1:
             self.fail("matrix rows have different lengths", node.span, "every row needs the same number of entries")

@@ -292,3 +292,15 @@ def test_builder_reports_errors_like_files():
         site.param("mu", dist.Normal(0.0, 1.0))
     with pytest.raises(HsbiError, match="observes nothing"):
         b.compile()
+
+
+def test_semicolon_column_is_a_vector_as_in_julia():
+    ir = hierdsl.compile("""
+model M(n::Int = 2)
+    g ~ Normal(0.0, 1.0)
+    sites i in 1:n
+        observe x ~ Normal([g; 2.0 * g], 1.0)
+    end
+end
+""").ir
+    assert ir.variable("x").shape == (2,)
