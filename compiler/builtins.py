@@ -139,6 +139,16 @@ def _static_int(arg: Abs, what: str) -> int:
     return int(value)
 
 
+MAX_ELEMENTS = 1_000_000  # largest array built at compile time
+
+
+def _sizes(args: list[Abs], name: str) -> tuple[int, ...]:
+    dims = tuple(_static_int(a, f"the size given to `{name}`") for a in args)
+    if math.prod(dims) > MAX_ELEMENTS:
+        raise ShapeError(f"`{name}` would build over {MAX_ELEMENTS:,} elements when compiling")
+    return dims
+
+
 def _bounds(arg: Abs):
     if arg.value is None:
         return None
@@ -265,14 +275,14 @@ def function(name: str, args: list[Abs]) -> Abs:
             raise ShapeError("`length` of a scalar: it takes a vector")
         return static(x.shape[0], "int")
     if name in ("zeros", "ones"):
-        dims = tuple(_static_int(a, f"the size given to `{name}`") for a in args)
+        dims = _sizes(args, name)
         fill = 0.0 if name == "zeros" else 1.0
         return static(np.full(dims, fill), "float")
     if name == "fill":
         value, *sizes = args
         if value.shape != ():
             raise ShapeError("`fill(value, n)` takes a scalar value")
-        dims = tuple(_static_int(a, "the size given to `fill`") for a in sizes)
+        dims = _sizes(sizes, "fill")
         folded = None if value.value is None else np.full(dims, value.value)
         return Abs(dims, value.dtype, folded)
     if name == "dot":

@@ -28,6 +28,7 @@ from .ir import (
 )
 
 FOLD_LIMIT = 4096  # largest static value folded into a literal
+MAX_RANGE = 1_000_000  # longest range built at compile time
 
 
 # ----------------------------------------------------------------------------- scopes
@@ -330,7 +331,8 @@ class Checker:
                 continue
             tr.check_annotation(p.annotation, value, p.name, p.span)
             if p.annotation is not None and p.annotation.name == "Int" and value.dtype == "float":
-                value = bi.static(value.value.astype(np.int64), "int") if float(value.value).is_integer() else value
+                if value.shape == () and float(value.value).is_integer():
+                    value = bi.static(value.value.astype(np.int64), "int")
             tr.env[p.name] = Binding("arg", value)
             args.append((p.name, _to_list(value.value, value.dtype)))
         sites = [s for s in item.body if isinstance(s, ast.Sites)]
@@ -383,7 +385,7 @@ class Checker:
             _, count = tr.expr(stmt.count)
         except _Skip:
             return 0
-        if start.value is None or float(start.value) != 1:
+        if start.value is None or start.shape != () or float(start.value) != 1:
             self.err("sites are numbered from 1", stmt.start.span, f"write `sites {stmt.index} in 1:n`")
         if count.value is None or count.shape != () or not float(count.value).is_integer() or float(count.value) < 1:
             self.err("the number of sites must be a positive whole number known when compiling", stmt.count.span,
@@ -976,8 +978,13 @@ class Translator:
                 self.fail("range bounds and steps must be numbers known when compiling", sub.span,
                           "ranges are static; use a constant or a model argument")
             parts.append(a)
+        if not all(np.isfinite(float(p.value)) for p in parts):
+            self.fail("range bounds and steps must be finite", node.span)
         if float(parts[1].value) == 0:
             self.fail("a range's step cannot be zero", node.step.span)
+        length = (float(parts[2].value) - float(parts[0].value)) / float(parts[1].value)
+        if length > MAX_RANGE:
+            self.fail(f"this range has over {MAX_RANGE:,} elements", node.span, "ranges are built when compiling")
         return parts[0], parts[1], parts[2]
 
     def x_Range(self, node: ast.Range):
