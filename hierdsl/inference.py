@@ -1,0 +1,223 @@
+"""Public API, inference: `fit` a model into an `Estimator`, `condition` it on data, sample.
+
+    model = hierdsl.compile("examples/eight_schools.hsbi")
+    est = hierdsl.fit(model, budget=2000, key=jax.random.key(0))
+    post = est.condition(hierdsl.read_data("examples/eight_schools.csv", model))
+    draws = post.sample(1000, key=jax.random.key(1))     # {"mu": (1000,), "theta": (1000, 8), …}
+    post.log_prob(draws)                                  # (1000,)
+    est.save("eight_schools.hsbe"); hierdsl.load("eight_schools.hsbe")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Union
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from hierdsl.compiler.errors import HsbiError, error
+from hierdsl.data import Dataset
+from hierdsl.model import Model
+from hierdsl.runtime import lf
+from hierdsl.runtime.flow import log_prob as flow_log_prob
+from hierdsl.runtime.flow import sample as flow_sample
+from hierdsl.runtime.lower import LoweredModel
+from hierdsl.runtime.nn import TokenVectorField
+from hierdsl.runtime.tokens import TokenLayout, target_mask
+
+Strategy = Union[lf.LF, lf.Direct]
+
+
+def lower(model: Model) -> LoweredModel:
+    return LoweredModel(model.ir, dict(model.functions))
+
+
+def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, max_sites: Optional[int] = None,
+        progress=None) -> "Estimator":
+    """Train an amortised estimator for `model` with `budget` single-site simulator calls.
+
+    Arguments:
+        model: a compiled model.
+        budget: the number of single-site simulator calls (validation simulations included).
+        key: a JAX PRNG key.
+        strategy: `lf.LF()` (default) or `lf.Direct()`, with their settings.
+        max_sites: the largest number of sites the estimator serves (default: the model's
+            `num_sites`); any data set with up to this many sites can be conditioned on.
+        progress: an object with `bar(label, total)` and `epochs(label, total)` (the CLI's bars).
+    """
+    strategy = strategy or lf.LF()
+    max_sites = int(max_sites or model.ir.num_sites)
+    if budget < 10:
+        raise ValueError(f"a budget of {budget} simulations is too small to train on; use at least 10")
+    lowered = lower(model)
+    if isinstance(strategy, lf.Direct):
+        trained = lf.train_direct(lowered, budget, key, strategy, max_sites, progress=progress)
+    else:
+        trained = lf.train_lf(lowered, budget, key, strategy, max_sites, progress=progress)
+    return Estimator(model, strategy, budget, trained)
+
+
+class Estimator:
+    """A trained estimator: the posterior network (and the LF surrogate) for one model."""
+
+    def __init__(self, model: Model, strategy: Strategy, budget: int, trained: lf.Trained):
+        self.model = model
+        self.strategy = strategy
+        self.budget = budget
+        self.trained = trained
+        self.lowered = lower(model)
+        self.layout = TokenLayout.from_ir(model.ir, max_sites=trained.max_sites)
+        self.split = lf.posterior_split(self.layout, self.lowered)
+        self._sampler = None
+
+    @property
+    def max_sites(self) -> int:
+        return self.trained.max_sites
+
+    @property
+    def simulator_calls(self) -> int:
+        return self.trained.simulator_calls
+
+    def condition(self, data: Union[Dataset, Mapping[str, Any]], sites: Optional[tuple[str, ...]] = None) -> "Posterior":
+        """The posterior given observed data: a `Dataset`, or `{name: array with a site axis}`."""
+        if not isinstance(data, Dataset):
+            values = {k: np.asarray(v) for k, v in data.items()}
+            n = {v.shape[0] for v in values.values()}
+            if len(n) != 1:
+                raise ValueError(f"every data variable needs the same leading site axis, got {n}")
+            from hierdsl.data import default_site_labels
+
+            data = Dataset(tuple(sites or default_site_labels(n.pop())), values)
+        return Posterior(self, data)
+
+    # -- persistence -----------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write the estimator atomically (see `hierdsl.checkpoint`)."""
+        from hierdsl.checkpoint import save_estimator
+
+        save_estimator(path, self)
+
+
+class Posterior:
+    """The posterior for one data set."""
+
+    def __init__(self, estimator: Estimator, data: Dataset):
+        self.estimator = estimator
+        self.data = data
+        ir = estimator.model.ir
+        lowered = estimator.lowered
+        n = data.num_sites
+        if n > estimator.max_sites:
+            raise HsbiError([error(
+                f"the data have {n} sites but the estimator serves at most {estimator.max_sites}",
+                label=f"train one for more sites (`--max-sites {n}`, Python `max_sites={n}`)")])
+        missing = [v.name for v in ir.observations if v.name not in data.values]
+        missing += [v.name for v in ir.inputs if v.stochastic and v.name not in data.values]
+        if missing:
+            raise HsbiError([error("the data lack " + ", ".join(f"`{m}`" for m in missing))])
+        self.num_sites = n
+        self.site_values = _site_values(lowered, data, estimator.max_sites)
+        values = dict(self.site_values)
+        raw = estimator.layout.encode(values, estimator.max_sites, absent=lowered.parameter_names)
+        site_mask = (jnp.arange(estimator.max_sites) < n).astype(jnp.float32)
+        raw = dataclasses.replace(raw, site_mask=site_mask)
+        self.context = estimator.trained.normaliser.forward(raw)
+        self.mask = target_mask(estimator.layout, estimator.split, site_mask)
+
+    def sample(self, num: int, *, key, steps: Optional[int] = None) -> dict[str, np.ndarray]:
+        """`num` posterior draws: globals `(num, *shape)`, locals `(num, sites, *shape)`."""
+        fn = _sampler(self.estimator)
+        samples = fn(self.estimator.trained.posterior, self.estimator.trained.normaliser, self.context, self.mask,
+                     self.site_values, key, num)
+        n = self.num_sites
+        return {name: np.asarray(value[:, :n] if self.estimator.model.ir.variable(name).per_site else value)
+                for name, value in samples.items()}
+
+    def log_prob(self, samples: Mapping[str, Any], *, key=None) -> np.ndarray:
+        """The posterior log density of draws (as `sample` returns them), in constrained space."""
+        est = self.estimator
+        n, N = self.num_sites, est.max_sites
+        params = {}
+        for v in (*est.model.ir.globals, *est.model.ir.locals):
+            value = jnp.asarray(samples[v.name], jnp.float32)
+            if v.per_site:
+                pad = jnp.zeros((value.shape[0], N - n, *v.shape), value.dtype)
+                value = jnp.concatenate([value, pad], axis=1)
+            params[v.name] = value
+        fn = _log_prob_fn(est)
+        key = jr.key(0) if key is None else key
+        return np.asarray(fn(est.trained.posterior, est.trained.normaliser, self.context, self.mask,
+                             self.site_values, params, key))
+
+
+def _site_values(lowered: LoweredModel, data: Dataset, max_sites: int) -> dict[str, jnp.ndarray]:
+    """Observations and inputs of the data, padded to `max_sites`, fixed-design inputs computed."""
+    ir = lowered.ir
+    n = data.num_sites
+    out = {}
+    for v in ir.variables:
+        if v.role not in ("input", "observation"):
+            continue
+        if v.name in data.values:
+            value = jnp.asarray(data.values[v.name], jnp.float32)
+        else:
+            # A fixed design (`input t = …`): evaluate it (it may not depend on parameters).
+            globals = lowered.sample_globals(jr.key(0))
+            site = lowered.sample_site_params(jr.key(0), globals)
+            value = jnp.broadcast_to(jnp.asarray(site[v.name], jnp.float32), (n, *v.shape))
+        pad = jnp.zeros((max_sites - n, *v.shape), jnp.float32)
+        out[v.name] = jnp.concatenate([value, pad])
+    return out
+
+
+def _sampler(est: Estimator):
+    if est._sampler is None:
+        lowered, split, layout = est.lowered, est.split, est.layout
+
+        @eqx.filter_jit
+        def sample(network, normaliser, context, mask, site_values, key, num):
+            vf = TokenVectorField(network, split)
+            x = flow_sample(vf, context, mask, key, num)
+
+            def decode(xi):
+                tokens = normaliser.inverse(split.scatter(context, xi))
+                z = layout.decode(tokens, layout.max_sites)
+                params, _ = lf.from_flow_values(lowered, z, site_values, context.site_mask)
+                return params
+
+            return jax.vmap(decode)(x)
+
+        est._sampler = sample
+    return est._sampler
+
+
+def _log_prob_fn(est: Estimator):
+    if getattr(est, "_log_prob", None) is None:
+        lowered, split, layout = est.lowered, est.split, est.layout
+        divergence = lf.log_prob_divergence(int(split.num_targets))
+
+        @eqx.filter_jit
+        def log_prob(network, normaliser, context, mask, site_values, params, key):
+            vf = TokenVectorField(network, split)
+
+            def one(p, k):
+                z = lowered.to_unconstrained({**p, **{n: site_values[n] for n in lowered.prior_inputs}})
+                _, log_det = lf.from_flow_values(lowered, z, site_values, context.site_mask)
+                values = {**{name: site_values[name] for name in site_values}, **z}
+                tokens = normaliser.forward(dataclasses.replace(
+                    layout.encode({k2: values[k2] for k2 in values if k2 in set(layout.labels)}, layout.max_sites),
+                    site_mask=context.site_mask))
+                x = split.gather(tokens.global_values, tokens.site_values)
+                lp = flow_log_prob(vf, x, context, mask, key=k, divergence=divergence, num_probes=4)
+                return lp - normaliser.target_log_scale(split, context.site_mask) - log_det
+
+            keys = jr.split(key, jax.tree.leaves(params)[0].shape[0])
+            return jax.vmap(one)(params, keys)
+
+        est._log_prob = log_prob
+    return est._log_prob
+

@@ -1,0 +1,601 @@
+"""Runtime stage: likelihood-factorised (LF) training, and the direct baseline.
+
+Input: a `LoweredModel`, a simulation budget and a PRNG key. Output: trained TFMPE networks —
+a per-site surrogate q(y | globals, locals, inputs) and a posterior q(globals, locals | y, inputs)
+over any number of sites up to a maximum — with the normaliser that maps model values to the
+standardised tokens the networks see.
+
+LF spends the whole budget `B` on **single-site** simulations (B simulator calls), trains the
+surrogate on them, then assembles as many synthetic multi-site data sets as the posterior needs by
+drawing globals, sites' inputs and locals from the prior and each site's observation from the
+surrogate — no simulator calls. The direct baseline trains the same posterior network on `B // n`
+full `n`-site simulations instead.
+
+Flow space: parameters are mapped to unconstrained space by the lowering's bijectors; integer
+observations are dequantised with uniform noise on [-0.5, 0.5) (and rounded when the surrogate
+samples them); then every token is standardised by a per-token mean and scale (`Normaliser`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .flow import FlowData
+from .flow import sample as flow_sample
+from .lower import LoweredModel, check_simulations
+from .nn import TokenTransformer, TokenVectorField
+from .tokens import TokenLayout, Tokens, TokenSplit, target_mask
+from .train import TrainResult, default_optimiser, train
+
+Values = dict[str, Array]
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Size of a TFMPE transformer."""
+
+    width: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    attention: str = "blockwise"
+
+    def build(self, layout: TokenLayout, key: PRNGKeyArray) -> TokenTransformer:
+        return TokenTransformer(layout, width=self.width, depth=self.depth, num_heads=self.num_heads,
+                                attention=self.attention, key=key)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one network."""
+
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    max_epochs: int = 200
+    patience: int = 15
+    steps_per_epoch: int = 50  # for networks trained on freshly drawn batches
+    validation_fraction: float = 0.1
+
+    def optimiser(self):
+        # Constant rate after a short warm-up: early stopping decides the length.
+        return default_optimiser(self.learning_rate, warmup_steps=min(100, 2 * self.steps_per_epoch))
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How flows are integrated when sampling: fixed steps of a second-order solver by default."""
+
+    num_steps: int = 24
+    solver: str = "heun"  # "heun", "euler", or "tsit5" (adaptive)
+
+    def options(self) -> dict:
+        if self.solver == "tsit5":
+            return dict(solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-4))
+        solver = {"heun": diffrax.Heun(), "euler": diffrax.Euler()}[self.solver]
+        return dict(solver=solver, stepsize_controller=diffrax.ConstantStepSize(), num_steps=self.num_steps)
+
+
+@dataclass(frozen=True)
+class LF:
+    """Likelihood-factorised training (the default strategy).
+
+    Arguments:
+        surrogate, posterior: network sizes.
+        surrogate_training, posterior_training: optimisation settings.
+        num_synthetic: synthetic multi-site data sets drawn from the surrogate for the posterior
+            (free: they cost no simulator calls). None: `max(2000, 4 * budget)`, capped by memory.
+        min_sites: the smallest site count the posterior is trained for (it serves any count from
+            `min_sites` to the estimator's `max_sites`).
+        sampler: how the surrogate is integrated when assembling synthetic data.
+    """
+
+    surrogate: NetworkConfig = NetworkConfig()
+    posterior: NetworkConfig = NetworkConfig()
+    surrogate_training: TrainConfig = TrainConfig()
+    posterior_training: TrainConfig = TrainConfig()
+    num_synthetic: Optional[int] = None
+    min_sites: int = 1
+    sampler: SamplerConfig = SamplerConfig()
+
+    name = "lf"
+
+
+@dataclass(frozen=True)
+class Direct:
+    """The baseline: the same posterior network trained on `budget // max_sites` full simulations."""
+
+    posterior: NetworkConfig = NetworkConfig()
+    posterior_training: TrainConfig = TrainConfig()
+    min_sites: int = 1
+
+    name = "direct"
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+class Normaliser(eqx.Module):
+    """Per-token affine standardisation of `Tokens` (the same per-site statistics at every site)."""
+
+    global_mean: Float[Array, " globals"]
+    global_scale: Float[Array, " globals"]
+    site_mean: Float[Array, " tokens"]
+    site_scale: Float[Array, " tokens"]
+    coord_mean: Float[Array, " coords"]
+    coord_scale: Float[Array, " coords"]
+
+    @staticmethod
+    def fit(tokens: Tokens) -> "Normaliser":
+        """Statistics of a batch of tokens (leading batch axis), over real sites only."""
+        def moments(values, weights, axes):
+            count = jnp.maximum(weights.sum(axes), 1.0)
+            mean = (values * weights).sum(axes) / count
+            var = (((values - mean) ** 2) * weights).sum(axes) / count
+            # Constant tokens (e.g. a fixed design) keep scale 1 so they pass through unchanged.
+            return mean, jnp.where(var > 1e-12, jnp.sqrt(var), 1.0)
+
+        g_mean, g_scale = moments(tokens.global_values, jnp.ones_like(tokens.global_values), 0)
+        site_w = jnp.broadcast_to(tokens.site_mask[..., None], tokens.site_values.shape)
+        s_mean, s_scale = moments(tokens.site_values, site_w, (0, 1))
+        flat = (int(np.prod(tokens.site_coords.shape[:-1])), tokens.site_coords.shape[-1])
+        coords = tokens.site_coords.reshape(flat)
+        coord_w = jnp.broadcast_to(tokens.site_mask[..., None, None], tokens.site_coords.shape).reshape(flat)
+        c_mean, c_scale = moments(coords, coord_w, 0)
+        return Normaliser(g_mean, g_scale, s_mean, s_scale, c_mean, c_scale)
+
+    def forward(self, tokens: Tokens) -> Tokens:
+        mask = tokens.site_mask[..., None]
+        return Tokens(
+            (tokens.global_values - self.global_mean) / self.global_scale,
+            (tokens.site_values - self.site_mean) / self.site_scale * mask,
+            (tokens.site_coords - self.coord_mean) / self.coord_scale * mask[..., None],
+            tokens.site_mask,
+        )
+
+    def inverse(self, tokens: Tokens) -> Tokens:
+        mask = tokens.site_mask[..., None]
+        return Tokens(
+            tokens.global_values * self.global_scale + self.global_mean,
+            (tokens.site_values * self.site_scale + self.site_mean) * mask,
+            (tokens.site_coords * self.coord_scale + self.coord_mean) * mask[..., None],
+            tokens.site_mask,
+        )
+
+    def target_log_scale(self, split: TokenSplit, site_mask: Float[Array, " max_sites"]) -> Float[Array, ""]:
+        """Σ log scale over the real target entries: the log-Jacobian of un-standardising."""
+        g = jnp.sum(jnp.log(self.global_scale) * split.global_target)
+        s = jnp.sum(jnp.log(self.site_scale) * split.site_target) * jnp.sum(site_mask)
+        return g + s
+
+
+# ----------------------------------------------------------------------------- flow space
+
+
+def to_flow_values(lowered: LoweredModel, values: Mapping[str, Array]) -> Values:
+    """Model values of one data set (globals at shape, site values with a site axis) → flow space:
+    parameters unconstrained, everything else unchanged, all as floats."""
+    params = {name: values[name] for name in (*lowered.parameter_names, *lowered.prior_inputs)}
+    z = lowered.to_unconstrained(params)
+    out = {name: jnp.asarray(value, jnp.float32) for name, value in values.items()}
+    out.update({name: jnp.asarray(z[name], jnp.float32) for name in lowered.parameter_names})
+    return out
+
+
+def from_flow_values(lowered: LoweredModel, z: Mapping[str, Array], site_values: Mapping[str, Array],
+                     site_mask: Float[Array, " sites"]) -> tuple[Values, Float[Array, ""]]:
+    """Unconstrained parameters (+ the sites' inputs) → constrained, with the log-Jacobian over
+    real sites only (padded sites contribute nothing)."""
+    ir = lowered.ir
+    globals, log_det = lowered.globals_to_constrained({v.name: z[v.name] for v in ir.globals})
+
+    def one_site(z_site):
+        return lowered.site_to_constrained(globals, z_site)
+
+    z_sites = {v.name: z[v.name] for v in ir.locals}
+    z_sites.update({name: site_values[name] for name in lowered.prior_inputs})
+    sites, site_log_det = jax.vmap(one_site)(z_sites)
+    out = {v.name: globals[v.name] for v in ir.globals}
+    out.update({v.name: sites[v.name] for v in ir.locals})
+    return out, log_det + jnp.sum(site_log_det * site_mask)
+
+
+def integer_observations(lowered: LoweredModel) -> tuple[str, ...]:
+    return tuple(v.name for v in lowered.ir.observations if v.dtype in ("int", "bool"))
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+@dataclass
+class SimulationCounter:
+    """Counts single-site simulator calls (one per simulated site)."""
+
+    calls: int = 0
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(size, total - start)
+
+
+def simulate_single_sites(lowered: LoweredModel, key: PRNGKeyArray, num: int, counter: SimulationCounter,
+                          *, chunk: int = 2048, progress: Optional[Callable[[int, int], None]] = None) -> Values:
+    """`num` single-site simulations: fresh globals, one site's inputs and locals, its observations.
+
+    Returns values with a leading simulation axis; per-site values also have a site axis of 1.
+    """
+    size = min(chunk, num)
+
+    @jax.jit
+    def batch(keys):
+        def one(k):
+            kg, ks = jr.split(k)
+            g = lowered.sample_globals(kg)
+            s = lowered.sample_site(ks, g)
+            return {**g, **{name: value[None] for name, value in s.items()}}
+        return jax.vmap(one)(keys)
+
+    keys = jr.split(key, num)
+    parts = []
+    for start, n in _chunks(num, size):
+        part = batch(jnp.concatenate([keys[start:start + n], keys[:size - n]]) if n < size else keys[start:start + n])
+        parts.append(jax.tree.map(lambda a: np.asarray(a[:n]), part))
+        counter.calls += n
+        if progress:
+            progress(start + n, num)
+    sims = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    _check(lowered, sims)
+    return sims
+
+
+def simulate_full(lowered: LoweredModel, key: PRNGKeyArray, num: int, num_sites: int, counter: SimulationCounter,
+                  *, progress: Optional[Callable[[int, int], None]] = None) -> Values:
+    """`num` full simulations of `num_sites` sites each (`num * num_sites` simulator calls)."""
+    size = max(1, min(num, 8192 // max(1, num_sites)))
+    batch = jax.jit(jax.vmap(lambda k: lowered.simulate(k, num_sites)))
+    keys = jr.split(key, num)
+    parts = []
+    for start, n in _chunks(num, size):
+        chunk_keys = keys[start:start + n]
+        if n < size:
+            chunk_keys = jnp.concatenate([chunk_keys, keys[:size - n]])
+        parts.append(jax.tree.map(lambda a: np.asarray(a[:n]), batch(chunk_keys)))
+        counter.calls += n * num_sites
+        if progress:
+            progress(start + n, num)
+    sims = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    _check(lowered, sims)
+    return sims
+
+
+def _check(lowered: LoweredModel, sims: Values) -> None:
+    observed = {v.name: sims[v.name] for v in lowered.ir.observations}
+    params = {name: sims[name] for name in lowered.parameter_names}
+    check_simulations(observed, params)
+
+
+# ----------------------------------------------------------------------------- token data
+
+
+def encode_batch(layout: TokenLayout, flow_values: Values, num_sites: int) -> Tokens:
+    """Encode a batch of flow-space data sets (leading batch axis) into tokens."""
+    names = set(layout.labels)
+    values = {k: v for k, v in flow_values.items() if k in names}
+    return jax.vmap(lambda v: layout.encode(v, num_sites))(values)
+
+
+def flow_values_batch(lowered: LoweredModel, sims: Values, key: PRNGKeyArray, dequantise: bool = True) -> Values:
+    """Model values with a leading batch axis → flow space (integer observations dequantised)."""
+    out = jax.jit(jax.vmap(lambda v: to_flow_values(lowered, v)))(
+        {k: jnp.asarray(v) for k, v in sims.items() if k in _token_names(lowered) or k in lowered.prior_inputs})
+    if dequantise:
+        for name in integer_observations(lowered):
+            key, sub = jr.split(key)
+            out[name] = out[name] + jr.uniform(sub, out[name].shape, minval=-0.5, maxval=0.5)
+    return out
+
+
+def _token_names(lowered: LoweredModel) -> set[str]:
+    return {v.name for v in lowered.ir.variables if v.role in ("global", "local", "input", "observation")}
+
+
+def flow_data(split: TokenSplit, layout: TokenLayout, tokens: Tokens) -> FlowData:
+    """Normalised tokens (batch) → flow-matching examples: targets, context, mask."""
+    x1 = jax.vmap(split.gather)(tokens.global_values, tokens.site_values)
+    mask = jax.vmap(lambda m: target_mask(layout, split, m))(tokens.site_mask)
+    return FlowData(x1, tokens, mask)
+
+
+class SiteSubsets(eqx.Module):
+    """A generator of posterior training batches from a pool of data sets: random data sets with a
+    random number of real sites each (the rest masked), so one network serves every site count."""
+
+    tokens: Tokens  # normalised, (pool, max_sites, …)
+    layout: TokenLayout = eqx.field(static=True)
+    split: TokenSplit = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+    min_sites: int = eqx.field(static=True)
+
+    def __call__(self, key: PRNGKeyArray) -> FlowData:
+        k_index, k_count = jr.split(key)
+        pool = self.tokens.site_mask.shape[0]
+        index = jr.randint(k_index, (self.batch_size,), 0, pool)
+        max_sites = self.layout.max_sites
+        counts = jr.randint(k_count, (self.batch_size,), self.min_sites, max_sites + 1)
+        site_mask = (jnp.arange(max_sites)[None, :] < counts[:, None]).astype(jnp.float32)
+        chosen = jax.tree.map(lambda a: a[index], self.tokens)
+        tokens = Tokens(chosen.global_values, chosen.site_values * site_mask[..., None],
+                        chosen.site_coords * site_mask[..., None, None], site_mask)
+        return flow_data(self.split, self.layout, tokens)
+
+
+# ----------------------------------------------------------------------------- the surrogate
+
+
+def surrogate_split(layout: TokenLayout, lowered: LoweredModel) -> TokenSplit:
+    return layout.split(target=tuple(v.name for v in lowered.ir.observations))
+
+
+def posterior_split(layout: TokenLayout, lowered: LoweredModel) -> TokenSplit:
+    return layout.split(target=lowered.parameter_names)
+
+
+def sample_surrogate(network: TokenTransformer, split: TokenSplit, normaliser: Normaliser, lowered: LoweredModel,
+                     contexts: Tokens, key: PRNGKeyArray, sampler: SamplerConfig) -> Tokens:
+    """One surrogate draw of the observations for each single-site context (normalised tokens,
+    leading batch axis). Returns normalised tokens with the observations filled in."""
+    vf = TokenVectorField(network, split)
+    options = sampler.options()
+    layout = split.layout
+    keys = jr.split(key, contexts.site_mask.shape[0])
+
+    def one(context, k):
+        mask = target_mask(layout, split, context.site_mask)
+        x = flow_sample(vf, context, mask, k, 1, **options)[0]
+        filled = normaliser.inverse(split.scatter(context, x))
+        filled = _round_integers(layout, lowered, filled)
+        return normaliser.forward(filled)
+
+    return jax.vmap(one)(contexts, keys)
+
+
+def _round_integers(layout: TokenLayout, lowered: LoweredModel, tokens: Tokens) -> Tokens:
+    """Surrogate draws of integer observations are rounded (and kept non-negative where needed)."""
+    site_values = tokens.site_values
+    for v in lowered.ir.observations:
+        if v.dtype not in ("int", "bool"):
+            continue
+        sl = layout.slot(v.name).tokens
+        part = jnp.round(site_values[:, sl])
+        if v.support.kind in ("nonnegative_integer", "boolean"):
+            part = jnp.maximum(part, 0.0)
+        if v.support.kind == "boolean":
+            part = jnp.minimum(part, 1.0)
+        site_values = site_values.at[:, sl].set(part)
+    return dataclasses.replace(tokens, site_values=site_values)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class StageLog:
+    """What one training stage did, for the manifest and the loss plots."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Trained:
+    """Everything LF or direct training produced."""
+
+    normaliser: Normaliser
+    posterior: TokenTransformer
+    surrogate: Optional[TokenTransformer]
+    max_sites: int
+    simulator_calls: int
+    stages: dict[str, StageLog]
+    seconds: dict[str, float]
+
+
+def _fit(network, data, key, config: TrainConfig, log: StageLog, on_epoch, *, validation_data=None,
+         steps_per_epoch=None) -> TokenTransformer:
+    start = time.perf_counter()
+    result: TrainResult = train(
+        network, data, key, validation_data=validation_data, validation_fraction=config.validation_fraction,
+        optimiser=config.optimiser(), batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch, max_epochs=config.max_epochs, patience=config.patience,
+        on_epoch=on_epoch,
+    )
+    log.train_loss = [float(x) for x in result.train_losses]
+    log.val_loss = [float(x) for x in result.val_losses]
+    log.best_epoch = int(result.best_epoch)
+    log.seconds = time.perf_counter() - start
+    return result.model
+
+
+class _VF(eqx.Module):
+    """Binds a token network to a split so `train` sees a plain vector field."""
+
+    network: TokenTransformer
+    split: TokenSplit = eqx.field(static=True)
+
+    def __call__(self, t, x, context):
+        return TokenVectorField(self.network, self.split)(t, x, context)
+
+
+def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF, max_sites: int,
+             *, progress=None) -> Trained:
+    """Likelihood-factorised training from `budget` single-site simulations."""
+    progress = progress or _NoProgress()
+    counter = SimulationCounter()
+    seconds: dict[str, float] = {}
+    k_sim, k_deq, k_net_s, k_train_s, k_pool, k_net_p, k_train_p = jr.split(key, 7)
+
+    start = time.perf_counter()
+    sims = simulate_single_sites(lowered, k_sim, budget, counter, progress=progress.bar("simulate", budget))
+    seconds["simulate"] = time.perf_counter() - start
+
+    layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
+    flow_vals = flow_values_batch(lowered, sims, k_deq)
+    raw_tokens = encode_batch(layout1, flow_vals, 1)
+    normaliser = Normaliser.fit(raw_tokens)
+    tokens = normaliser.forward(raw_tokens)
+
+    split1 = surrogate_split(layout1, lowered)
+    stages = {"surrogate": StageLog(), "posterior": StageLog()}
+    network = strategy.surrogate.build(layout1, k_net_s)
+    data = flow_data(split1, layout1, tokens)
+    vf = _fit(_VF(network, split1), data, k_train_s, strategy.surrogate_training, stages["surrogate"],
+              progress.epochs("surrogate", strategy.surrogate_training.max_epochs))
+    surrogate = vf.network
+    seconds["surrogate"] = stages["surrogate"].seconds
+
+    # Synthetic multi-site data sets: prior draws of globals and sites, surrogate observations.
+    start = time.perf_counter()
+    num_synthetic = strategy.num_synthetic or _default_pool(budget, max_sites, layout1.tokens_per_site)
+    pool = synthetic_pool(lowered, surrogate, split1, normaliser, k_pool, num_synthetic, max_sites,
+                          strategy.sampler, progress=progress.bar("synthesise", num_synthetic))
+    seconds["synthesise"] = time.perf_counter() - start
+
+    layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
+    split = posterior_split(layout, lowered)
+    k_val, k_train_p = jr.split(k_train_p)
+    n_val = max(1, int(round(num_synthetic * strategy.posterior_training.validation_fraction)))
+    train_pool = jax.tree.map(lambda a: a[n_val:], pool)
+    val_pool = jax.tree.map(lambda a: a[:n_val], pool)
+    config = strategy.posterior_training
+    generator = SiteSubsets(train_pool, layout, split, config.batch_size, strategy.min_sites)
+    validation = SiteSubsets(val_pool, layout, split, max(n_val, 1), strategy.min_sites)(k_val)
+    network = strategy.posterior.build(layout, k_net_p)
+    vf = _fit(_VF(network, split), generator, k_train_p, config, stages["posterior"],
+              progress.epochs("posterior", config.max_epochs), validation_data=validation,
+              steps_per_epoch=config.steps_per_epoch)
+    seconds["posterior"] = stages["posterior"].seconds
+    return Trained(normaliser, vf.network, surrogate, max_sites, counter.calls, stages, seconds)
+
+
+def _default_pool(budget: int, max_sites: int, tokens_per_site: int) -> int:
+    # Synthetic data sets are free; bound the pool by memory (~4e7 token values) rather than budget.
+    cap = max(200, int(4e7 // max(1, max_sites * tokens_per_site)))
+    return int(min(max(2000, 4 * budget), cap))
+
+
+def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: TokenSplit, normaliser: Normaliser,
+                   key: PRNGKeyArray, num: int, max_sites: int, sampler: SamplerConfig,
+                   *, chunk_sites: int = 8192, progress=None) -> Tokens:
+    """`num` synthetic data sets of `max_sites` sites (normalised posterior tokens)."""
+    layout1 = split1.layout
+    layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
+    per_chunk = max(1, chunk_sites // max_sites)
+
+    @jax.jit
+    def make(keys):
+        def one(k):
+            kg, ks, kq = jr.split(k, 3)
+            g = lowered.sample_globals(kg)
+            sites = jax.vmap(lambda kk: lowered.sample_site_params(kk, g))(jr.split(ks, max_sites))
+            values = {**g, **sites}
+            values.update({v.name: jnp.zeros((max_sites, *v.shape), jnp.float32) for v in lowered.ir.observations})
+            flow = to_flow_values(lowered, values)
+            # Each site as its own single-site context for the surrogate.
+            contexts = jax.vmap(lambda s: layout1.encode(
+                {**{n: flow[n] for n in flow if n in _global_names(lowered)},
+                 **{n: s[n][None] for n in s}}, 1))({n: flow[n] for n in flow if n in _site_names(lowered)})
+            contexts = normaliser.forward(contexts)
+            filled = sample_surrogate(surrogate, split1, normaliser, lowered, contexts, kq, sampler)
+            site_tokens = normaliser.inverse(filled).site_values[:, 0, :]  # (max_sites, T)
+            # Coordinates come from the inputs, already in `flow`; only the observations are new.
+            tokens = layout.encode({n: flow[n] for n in flow if n in set(layout.labels)}, max_sites)
+            return normaliser.forward(dataclasses.replace(tokens, site_values=site_tokens))
+        return jax.vmap(one)(keys)
+
+    keys = jr.split(key, num)
+    parts = []
+    for start, n in _chunks(num, per_chunk):
+        chunk_keys = keys[start:start + n]
+        if n < per_chunk:
+            chunk_keys = jnp.concatenate([chunk_keys, keys[:per_chunk - n]])
+        parts.append(jax.tree.map(lambda a: a[:n], make(chunk_keys)))
+        if progress:
+            progress(start + n, num)
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def _global_names(lowered: LoweredModel) -> set[str]:
+    return {v.name for v in lowered.ir.globals}
+
+
+def _site_names(lowered: LoweredModel) -> set[str]:
+    return {v.name for v in lowered.ir.variables if v.role in ("local", "input", "observation")}
+
+
+def train_direct(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: Direct, max_sites: int,
+                 *, progress=None) -> Trained:
+    """The baseline: the posterior network trained on `budget // max_sites` full simulations."""
+    progress = progress or _NoProgress()
+    num = budget // max_sites
+    if num < 2:
+        raise ValueError(f"a budget of {budget} gives {num} full simulations of {max_sites} sites; "
+                         f"direct training needs at least 2 (budget ≥ {2 * max_sites})")
+    counter = SimulationCounter()
+    seconds: dict[str, float] = {}
+    k_sim, k_deq, k_net, k_train, k_val = jr.split(key, 5)
+    start = time.perf_counter()
+    sims = simulate_full(lowered, k_sim, num, max_sites, counter, progress=progress.bar("simulate", num))
+    seconds["simulate"] = time.perf_counter() - start
+    layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
+    split = posterior_split(layout, lowered)
+    flow_vals = flow_values_batch(lowered, sims, k_deq, dequantise=False)
+    raw = encode_batch(layout, flow_vals, max_sites)
+    normaliser = Normaliser.fit(raw)
+    tokens = normaliser.forward(raw)
+    config = strategy.posterior_training
+    n_val = max(1, int(round(num * config.validation_fraction)))
+    order = np.asarray(jr.permutation(k_val, num))
+    val_tokens = jax.tree.map(lambda a: a[order[:n_val]], tokens)
+    train_tokens = jax.tree.map(lambda a: a[order[n_val:]], tokens)
+    stages = {"posterior": StageLog()}
+    generator = SiteSubsets(train_tokens, layout, split, min(config.batch_size, max(1, num - n_val)),
+                            strategy.min_sites)
+    validation = SiteSubsets(val_tokens, layout, split, n_val, strategy.min_sites)(k_val)
+    network = strategy.posterior.build(layout, k_net)
+    vf = _fit(_VF(network, split), generator, k_train, config, stages["posterior"],
+              progress.epochs("posterior", config.max_epochs), validation_data=validation,
+              steps_per_epoch=config.steps_per_epoch)
+    seconds["posterior"] = stages["posterior"].seconds
+    return Trained(normaliser, vf.network, None, max_sites, counter.calls, stages, seconds)
+
+
+class _NoProgress:
+    def bar(self, label, total):
+        return None
+
+    def epochs(self, label, total):
+        return None
+
+
+def num_targets(lowered: LoweredModel, num_sites: int) -> int:
+    ir = lowered.ir
+    return sum(v.size for v in ir.globals) + num_sites * sum(v.size for v in ir.locals)
+
+
+def log_prob_divergence(num_target_dims: int) -> str:
+    """Exact divergence while it is cheap, Hutchinson beyond (the cost of exact grows with dim)."""
+    return "exact" if num_target_dims <= 64 else "hutchinson"
