@@ -72,6 +72,172 @@ def cmd_fmt(ns: argparse.Namespace) -> int:
     return status
 
 
+def _compile_for_run(ns: argparse.Namespace):
+    from hierdsl.model import compile
+
+    model = compile(ns.file, model=ns.model, args=_parse_args(ns.arg), import_targets=ns.allow_python)
+    for w in model.warnings:
+        print(w.render(dict(model.sources)), file=sys.stderr)
+    missing = [x.name for x in model.ir.externs if x.name not in model.functions]
+    if missing:
+        raise UserError(
+            f"the model calls Python extern(s) {', '.join(missing)}: pass --allow-python to import their "
+            "targets (this runs code named in the model file), or use the Python API with functions={...}")
+    return model
+
+
+def _key(seed: int):
+    import jax
+
+    return jax.random.key(seed)
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    import numpy as np
+
+    from hierdsl.data import Dataset, data_variables, dataset_to_csv, default_site_labels
+    from hierdsl.runtime.lower import LoweredModel, check_simulations
+
+    model = _compile_for_run(ns)
+    if ns.sites < 1:
+        raise UserError("--sites must be at least 1")
+    lowered = LoweredModel(model.ir, dict(model.functions))
+    import jax
+
+    sims = jax.jit(lowered.simulate, static_argnums=1)(_key(ns.seed), ns.sites)
+    sims = {k: np.asarray(v) for k, v in sims.items()}
+    check_simulations({v.name: sims[v.name] for v in model.ir.observations})
+    labels = default_site_labels(ns.sites)
+    names = [v.name for v in data_variables(model.ir)]
+    dataset = Dataset(labels, {n: sims[n] for n in names})
+    truth = {
+        "model": model.ir.name, "seed": ns.seed,
+        "globals": {v.name: sims[v.name].tolist() for v in model.ir.globals},
+        "sites": {label: {v.name: sims[v.name][s].tolist() for v in model.ir.locals} for s, label in enumerate(labels)},
+    }
+    truth_path = _truth_path(ns.output)
+    atomic_write(ns.output, dataset_to_csv(dataset, names))
+    atomic_write(truth_path, json.dumps(truth, indent=1) + "\n")
+    print(f"wrote {ns.sites} sites of {', '.join(names)} to {ns.output}; true parameters to {truth_path}")
+    return 0
+
+
+def _truth_path(path: str) -> str:
+    stem = path[:-4] if path.lower().endswith((".csv", ".json")) and path[-4] == "." else path.rsplit(".", 1)[0]
+    return stem + ".truth.json"
+
+
+def _strategy(ns: argparse.Namespace):
+    from hierdsl.runtime import lf
+
+    training = lf.TrainConfig(max_epochs=ns.epochs) if ns.epochs else lf.TrainConfig()
+    if ns.method == "direct":
+        return lf.Direct(posterior_training=training)
+    return lf.LF(surrogate_training=training, posterior_training=training)
+
+
+def _train(ns: argparse.Namespace, model, progress):
+    from hierdsl.inference import fit
+
+    if ns.budget < 10:
+        raise UserError("--budget must be at least 10 simulations")
+    progress.message(f"training a {ns.method} estimator for {model.ir.name}: budget {ns.budget} simulator calls, "
+                     f"up to {ns.max_sites or model.ir.num_sites} sites")
+    return fit(model, budget=ns.budget, key=_key(ns.seed), strategy=_strategy(ns), max_sites=ns.max_sites,
+               progress=progress)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from hierdsl.progress import Progress
+
+    model = _compile_for_run(ns)
+    progress = Progress(quiet=ns.quiet)
+    estimator = _train(ns, model, progress)
+    estimator.save(ns.output)
+    progress.message(f"estimator written to {ns.output} ({estimator.simulator_calls} simulator calls)")
+    return 0
+
+
+def cmd_infer(ns: argparse.Namespace) -> int:
+    import os
+    import time
+
+    import numpy as np
+
+    from hierdsl.checkpoint import load
+    from hierdsl.data import read_data
+    from hierdsl.progress import Progress
+    from hierdsl import results
+
+    started = time.perf_counter()
+    model = _compile_for_run(ns)
+    data = read_data(ns.data, model.ir)
+    progress = Progress(quiet=ns.quiet)
+    os.makedirs(ns.output, exist_ok=True)
+    if ns.estimator:
+        estimator = load(ns.estimator, model)
+        progress.message(f"using the estimator in {ns.estimator}")
+        trained_here = False
+    else:
+        estimator = _train(ns, model, progress)
+        estimator.save(os.path.join(ns.output, "estimator.hsbe"))
+        trained_here = True
+    t0 = time.perf_counter()
+    posterior = estimator.condition(data)
+    samples = posterior.sample(ns.num_samples, key=_key(ns.seed + 1))
+    samples = {k: np.asarray(v) for k, v in samples.items()}
+    sampling_seconds = time.perf_counter() - t0
+    finite = all(np.all(np.isfinite(v)) for v in samples.values())
+    if not finite:
+        raise UserError("the posterior sampler produced non-finite values; the estimator may be undertrained "
+                        "(retrain with a larger --budget)")
+
+    rows = results.summary_rows(samples, model.ir, data.sites)
+    table = results.format_summary(rows)
+    atomic_write(os.path.join(ns.output, "summary.csv"), results.summary_csv(rows))
+    idata = results.inference_data(samples, data, model.ir)
+    results.write_netcdf(os.path.join(ns.output, "posterior.nc"), idata)
+    history = {k: {"train": v.train_loss, "validation": v.val_loss} for k, v in estimator.trained.stages.items()}
+    plots = [] if ns.no_plots else results.write_plots(ns.output, idata, model.ir, history)
+    import jax
+
+    from hierdsl import __version__
+
+    manifest = {
+        "model": model.ir.name, "model_file": ns.file, "model_hash": model.ir.hash, "data": ns.data,
+        "sites": list(data.sites), "seed": ns.seed, "method": estimator.strategy.name,
+        "budget": estimator.budget, "simulator_calls": estimator.simulator_calls,
+        "estimator": ns.estimator or os.path.join(ns.output, "estimator.hsbe"), "trained_in_this_run": trained_here,
+        "num_samples": ns.num_samples,
+        "seconds": {**{k: round(v, 3) for k, v in estimator.trained.seconds.items()},
+                    "sample": round(sampling_seconds, 3), "total": round(time.perf_counter() - started, 3)},
+        "versions": {"hierdsl": __version__, "jax": jax.__version__},
+        "outputs": ["posterior.nc", "summary.csv", *[os.path.basename(p) for p in plots]],
+    }
+    results.write_manifest(os.path.join(ns.output, "manifest.json"), manifest)
+    if not ns.quiet:
+        print(table)
+    progress.message(f"\nwrote {', '.join(manifest['outputs'])} and manifest.json to {ns.output}")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="which model, when the file defines several")
+    p.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE", help="override a model argument")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--allow-python", action="store_true",
+                   help='import `extern … = "module:attr"` targets named in the model file (runs their code)')
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=int, default=2000, help="single-site simulator calls (default 2000)")
+    p.add_argument("--method", choices=("lf", "direct"), default="lf",
+                   help="lf: likelihood factorisation (default); direct: full multi-site simulations")
+    p.add_argument("--max-sites", type=int, default=None, help="largest site count served (default: the model's)")
+    p.add_argument("--epochs", type=int, default=None, help="most training epochs per network (default 200)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hierdsl", description="Simulation-based inference for hierarchical models written in .hsbi.")
@@ -93,6 +259,31 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--check", action="store_true", help="exit 1 if a file is not canonical")
     group.add_argument("-w", "--write", action="store_true", help="rewrite the files in place")
     p.set_defaults(run=cmd_fmt)
+
+    p = sub.add_parser("simulate", help="simulate a synthetic data set (and write its true parameters)")
+    p.add_argument("file")
+    p.add_argument("--sites", type=int, required=True, help="number of sites")
+    p.add_argument("-o", "--output", required=True, help="data file to write (CSV)")
+    _add_run_options(p)
+    p.set_defaults(run=cmd_simulate)
+
+    p = sub.add_parser("train", help="train an amortised estimator once")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True, help="estimator file to write (.hsbe)")
+    _add_run_options(p)
+    _add_train_options(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("infer", help="condition on data (training first if no --estimator) and write the posterior")
+    p.add_argument("file")
+    p.add_argument("--data", required=True, help="observed data (CSV or JSON; see README)")
+    p.add_argument("--estimator", help="a trained .hsbe estimator to reuse")
+    p.add_argument("-o", "--output", default="run", help="output folder (default ./run)")
+    p.add_argument("--num-samples", type=int, default=2000, help="posterior draws (default 2000)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_run_options(p)
+    _add_train_options(p)
+    p.set_defaults(run=cmd_infer)
     return parser
 
 
@@ -112,6 +303,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # The runtime's own user-facing errors (non-finite simulations, extern misuse) are not bugs.
+        from hierdsl.runtime.errors import RuntimeModelError
+
+        if isinstance(exc, RuntimeModelError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

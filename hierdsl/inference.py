@@ -30,6 +30,7 @@ from hierdsl.runtime.nn import TokenVectorField
 from hierdsl.runtime.tokens import TokenLayout, target_mask
 
 Strategy = Union[lf.LF, lf.Direct]
+POSTERIOR_SAMPLER = lf.SamplerConfig(num_steps=32)
 
 
 def lower(model: Model) -> LoweredModel:
@@ -72,7 +73,7 @@ class Estimator:
         self.lowered = lower(model)
         self.layout = TokenLayout.from_ir(model.ir, max_sites=trained.max_sites)
         self.split = lf.posterior_split(self.layout, self.lowered)
-        self._sampler = None
+        self._compiled: dict = {}  # jitted samplers and log densities, built once per estimator
 
     @property
     def max_sites(self) -> int:
@@ -128,16 +129,21 @@ class Posterior:
         self.context = estimator.trained.normaliser.forward(raw)
         self.mask = target_mask(estimator.layout, estimator.split, site_mask)
 
-    def sample(self, num: int, *, key, steps: Optional[int] = None) -> dict[str, np.ndarray]:
-        """`num` posterior draws: globals `(num, *shape)`, locals `(num, sites, *shape)`."""
-        fn = _sampler(self.estimator)
+    def sample(self, num: int, *, key, sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> dict[str, np.ndarray]:
+        """`num` posterior draws: globals `(num, *shape)`, locals `(num, sites, *shape)`.
+
+        The flow is integrated with `sampler` (fixed Heun steps by default; `SamplerConfig(
+        solver="tsit5")` for an adaptive solve). Compiled once per estimator and sampler.
+        """
+        fn = _sampler(self.estimator, sampler)
         samples = fn(self.estimator.trained.posterior, self.estimator.trained.normaliser, self.context, self.mask,
                      self.site_values, key, num)
         n = self.num_sites
         return {name: np.asarray(value[:, :n] if self.estimator.model.ir.variable(name).per_site else value)
                 for name, value in samples.items()}
 
-    def log_prob(self, samples: Mapping[str, Any], *, key=None) -> np.ndarray:
+    def log_prob(self, samples: Mapping[str, Any], *, key=None,
+                 sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> np.ndarray:
         """The posterior log density of draws (as `sample` returns them), in constrained space."""
         est = self.estimator
         n, N = self.num_sites, est.max_sites
@@ -148,7 +154,7 @@ class Posterior:
                 pad = jnp.zeros((value.shape[0], N - n, *v.shape), value.dtype)
                 value = jnp.concatenate([value, pad], axis=1)
             params[v.name] = value
-        fn = _log_prob_fn(est)
+        fn = _log_prob_fn(est, sampler)
         key = jr.key(0) if key is None else key
         return np.asarray(fn(est.trained.posterior, est.trained.normaliser, self.context, self.mask,
                              self.site_values, params, key))
@@ -174,14 +180,15 @@ def _site_values(lowered: LoweredModel, data: Dataset, max_sites: int) -> dict[s
     return out
 
 
-def _sampler(est: Estimator):
-    if est._sampler is None:
+def _sampler(est: Estimator, sampler: lf.SamplerConfig):
+    if sampler not in est._compiled:
         lowered, split, layout = est.lowered, est.split, est.layout
+        options = sampler.options()
 
         @eqx.filter_jit
         def sample(network, normaliser, context, mask, site_values, key, num):
             vf = TokenVectorField(network, split)
-            x = flow_sample(vf, context, mask, key, num)
+            x = flow_sample(vf, context, mask, key, num, **options)
 
             def decode(xi):
                 tokens = normaliser.inverse(split.scatter(context, xi))
@@ -191,14 +198,15 @@ def _sampler(est: Estimator):
 
             return jax.vmap(decode)(x)
 
-        est._sampler = sample
-    return est._sampler
+        est._compiled[sampler] = sample
+    return est._compiled[sampler]
 
 
-def _log_prob_fn(est: Estimator):
-    if getattr(est, "_log_prob", None) is None:
+def _log_prob_fn(est: Estimator, sampler: lf.SamplerConfig):
+    if ("log_prob", sampler) not in est._compiled:
         lowered, split, layout = est.lowered, est.split, est.layout
         divergence = lf.log_prob_divergence(int(split.num_targets))
+        options = sampler.options()
 
         @eqx.filter_jit
         def log_prob(network, normaliser, context, mask, site_values, params, key):
@@ -212,12 +220,12 @@ def _log_prob_fn(est: Estimator):
                     layout.encode({k2: values[k2] for k2 in values if k2 in set(layout.labels)}, layout.max_sites),
                     site_mask=context.site_mask))
                 x = split.gather(tokens.global_values, tokens.site_values)
-                lp = flow_log_prob(vf, x, context, mask, key=k, divergence=divergence, num_probes=4)
+                lp = flow_log_prob(vf, x, context, mask, key=k, divergence=divergence, num_probes=4, **options)
                 return lp - normaliser.target_log_scale(split, context.site_mask) - log_det
 
             keys = jr.split(key, jax.tree.leaves(params)[0].shape[0])
             return jax.vmap(one)(params, keys)
 
-        est._log_prob = log_prob
-    return est._log_prob
+        est._compiled[("log_prob", sampler)] = log_prob
+    return est._compiled[("log_prob", sampler)]
 

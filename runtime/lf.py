@@ -466,6 +466,7 @@ def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF
               progress.epochs("surrogate", strategy.surrogate_training.max_epochs))
     surrogate = vf.network
     seconds["surrogate"] = stages["surrogate"].seconds
+    _report(progress, "surrogate", stages["surrogate"])
 
     # Synthetic multi-site data sets: prior draws of globals and sites, surrogate observations.
     start = time.perf_counter()
@@ -488,6 +489,7 @@ def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF
               progress.epochs("posterior", config.max_epochs), validation_data=validation,
               steps_per_epoch=config.steps_per_epoch)
     seconds["posterior"] = stages["posterior"].seconds
+    _report(progress, "posterior", stages["posterior"])
     return Trained(normaliser, vf.network, surrogate, max_sites, counter.calls, stages, seconds)
 
 
@@ -580,6 +582,7 @@ def train_direct(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy
               progress.epochs("posterior", config.max_epochs), validation_data=validation,
               steps_per_epoch=config.steps_per_epoch)
     seconds["posterior"] = stages["posterior"].seconds
+    _report(progress, "posterior", stages["posterior"])
     return Trained(normaliser, vf.network, None, max_sites, counter.calls, stages, seconds)
 
 
@@ -589,6 +592,14 @@ class _NoProgress:
 
     def epochs(self, label, total):
         return None
+
+    def message(self, text):
+        pass
+
+
+def _report(progress, label: str, log: StageLog) -> None:
+    progress.message(f"{label}: {len(log.train_loss)} epochs, best {log.best_epoch + 1} "
+                     f"(validation loss {log.val_loss[log.best_epoch]:.4f}), {log.seconds:.1f}s")
 
 
 def num_targets(lowered: LoweredModel, num_sites: int) -> int:

@@ -1,0 +1,172 @@
+"""Estimator files (`.hsbe`): a JSON header and the network weights, no pickle.
+
+Layout::
+
+    b"HSBE" + version byte + b"\\n"     magic (6 bytes)
+    8 bytes, little-endian              header length
+    header                              UTF-8 JSON: versions, model IR (and its hash), settings,
+                                        training log, payload length and SHA-256
+    payload                             `equinox.tree_serialise_leaves` of (normaliser,
+                                        posterior network, surrogate network or nothing)
+
+Loading checks the magic, the header, the payload's length and checksum, and (when a model is
+given) that the model's IR hash matches; each failure is a clear `CheckpointError` naming the file.
+Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import struct
+from typing import Any, Callable, Mapping, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from hierdsl import __version__
+from hierdsl.compiler.ast import Span
+from hierdsl.compiler.errors import HsbiError, error
+from hierdsl.compiler.ir import ModelIR
+from hierdsl.files import atomic_write
+
+MAGIC = b"HSBE\x01\n"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(HsbiError):
+    """An estimator file that cannot be used."""
+
+
+def _fail(path: str, message: str, label: str = "") -> CheckpointError:
+    return CheckpointError([error(message, Span(path, 0, 0, 0, 0), label)])
+
+
+def _strategy_json(strategy) -> dict:
+    return {"name": strategy.name, **dataclasses.asdict(strategy)}
+
+
+def _strategy_from_json(obj: dict):
+    from hierdsl.runtime import lf
+
+    obj = dict(obj)
+    name = obj.pop("name")
+    cls = {"lf": lf.LF, "direct": lf.Direct}[name]
+    nested = {"surrogate": lf.NetworkConfig, "posterior": lf.NetworkConfig,
+              "surrogate_training": lf.TrainConfig, "posterior_training": lf.TrainConfig,
+              "sampler": lf.SamplerConfig}
+    kwargs = {k: (nested[k](**v) if k in nested and isinstance(v, dict) else v) for k, v in obj.items()}
+    return cls(**kwargs)
+
+
+def save_estimator(path: str, estimator) -> None:
+    """Write an estimator atomically."""
+    trained = estimator.trained
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, (trained.normaliser, trained.posterior, trained.surrogate))
+    payload = buffer.getvalue()
+    header = {
+        "format": "hsbe",
+        "format_version": FORMAT_VERSION,
+        "hierdsl_version": __version__,
+        "jax_version": jax.__version__,
+        "equinox_version": eqx.__version__,
+        "model_name": estimator.model.ir.name,
+        "model_hash": estimator.model.ir.hash,
+        "model_ir": estimator.model.ir.to_json(spans=False),
+        "strategy": _strategy_json(estimator.strategy),
+        "budget": estimator.budget,
+        "max_sites": trained.max_sites,
+        "simulator_calls": trained.simulator_calls,
+        "seconds": trained.seconds,
+        "stages": {k: dataclasses.asdict(v) for k, v in trained.stages.items()},
+        "normaliser_shapes": {
+            "globals": int(trained.normaliser.global_mean.shape[0]),
+            "tokens": int(trained.normaliser.site_mean.shape[0]),
+            "coords": int(trained.normaliser.coord_mean.shape[0]),
+        },
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    head = json.dumps(header, sort_keys=True).encode("utf-8")
+    atomic_write(path, MAGIC + struct.pack("<Q", len(head)) + head + payload)
+
+
+def read_header(path: str) -> tuple[dict, bytes]:
+    """The header and payload of an estimator file, after checking both are intact."""
+    try:
+        with open(path, "rb") as handle:
+            blob = handle.read()
+    except FileNotFoundError:
+        raise _fail(path, f"estimator file `{path}` not found") from None
+    except OSError as exc:
+        raise _fail(path, f"cannot read estimator file `{path}`: {exc}") from None
+    if not blob.startswith(MAGIC[:4]):
+        raise _fail(path, f"`{path}` is not a hierdsl estimator file", "estimator files start with HSBE")
+    if blob[:len(MAGIC)] != MAGIC:
+        raise _fail(path, f"`{path}` has an unsupported estimator format version",
+                    f"this hierdsl reads version {FORMAT_VERSION}")
+    if len(blob) < len(MAGIC) + 8:
+        raise _fail(path, f"estimator file `{path}` is truncated")
+    (length,) = struct.unpack("<Q", blob[len(MAGIC):len(MAGIC) + 8])
+    start = len(MAGIC) + 8
+    if len(blob) < start + length:
+        raise _fail(path, f"estimator file `{path}` is truncated (its header is incomplete)")
+    try:
+        header = json.loads(blob[start:start + length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _fail(path, f"estimator file `{path}` is corrupt (its header is not valid JSON)") from None
+    payload = blob[start + length:]
+    if len(payload) != header.get("payload_bytes"):
+        raise _fail(path, f"estimator file `{path}` is truncated or has extra bytes "
+                    f"({len(payload)} weight bytes, expected {header.get('payload_bytes')})")
+    if hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+        raise _fail(path, f"estimator file `{path}` is corrupt (the weights' checksum does not match)")
+    return header, payload
+
+
+def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] = None):
+    """Load an estimator. With `model` (a compiled `Model`), check it is the model it was trained for;
+    without, rebuild the model from the IR stored in the file (externs need `functions`)."""
+    from hierdsl.inference import Estimator
+    from hierdsl.model import Model
+    from hierdsl.runtime import lf
+    from hierdsl.runtime.tokens import TokenLayout
+
+    header, payload = read_header(path)
+    if model is not None and model.ir.hash != header["model_hash"]:
+        raise _fail(path, f"estimator `{path}` was trained for a different model",
+                    f"it is for model `{header['model_name']}` (IR hash {header['model_hash'][:12]}), "
+                    f"this model is `{model.ir.name}` (IR hash {model.ir.hash[:12]}); retrain, or pass the "
+                    "model file it was trained on")
+    if model is None:
+        ir = ModelIR.from_json(header["model_ir"])
+        model = Model(ir, functions=dict(functions or {}))
+    strategy = _strategy_from_json(header["strategy"])
+    max_sites = int(header["max_sites"])
+    shapes = header["normaliser_shapes"]
+    zeros = lambda n: jnp.zeros((n,), jnp.float32)
+    normaliser = lf.Normaliser(zeros(shapes["globals"]), zeros(shapes["globals"]), zeros(shapes["tokens"]),
+                               zeros(shapes["tokens"]), zeros(shapes["coords"]), zeros(shapes["coords"]))
+    layout = TokenLayout.from_ir(model.ir, max_sites=max_sites)
+    posterior = strategy.posterior.build(layout, jr.key(0))
+    surrogate = None
+    if isinstance(strategy, lf.LF):
+        surrogate = strategy.surrogate.build(TokenLayout.from_ir(model.ir, max_sites=1), jr.key(0))
+    try:
+        normaliser, posterior, surrogate = eqx.tree_deserialise_leaves(io.BytesIO(payload), (normaliser, posterior, surrogate))
+    except Exception as exc:  # a payload that does not fit the networks the header describes
+        raise _fail(path, f"estimator file `{path}` does not match the networks its header describes: {exc}") from None
+    stages = {k: lf.StageLog(**v) for k, v in header["stages"].items()}
+    trained = lf.Trained(normaliser, posterior, surrogate, max_sites, int(header["simulator_calls"]), stages,
+                         dict(header["seconds"]))
+    return Estimator(model, strategy, int(header["budget"]), trained)
+
+
+def describe(header: Mapping[str, Any]) -> str:
+    return (f"estimator for model {header['model_name']} ({header['strategy']['name']}, budget {header['budget']}, "
+            f"up to {header['max_sites']} sites), hierdsl {header['hierdsl_version']}")
