@@ -250,9 +250,10 @@ def simulate_single_sites(lowered: LoweredModel, key: PRNGKeyArray, num: int, co
 
     keys = jr.split(key, num)
     parts = []
+    # No padding of the last chunk: every simulation run is one the budget pays for (a shorter last
+    # chunk compiles once more instead).
     for start, n in _chunks(num, size):
-        part = batch(jnp.concatenate([keys[start:start + n], keys[:size - n]]) if n < size else keys[start:start + n])
-        parts.append(jax.tree.map(lambda a: np.asarray(a[:n]), part))
+        parts.append(jax.tree.map(np.asarray, batch(keys[start:start + n])))
         counter.calls += n
         if progress:
             progress(start + n, num)
@@ -269,10 +270,7 @@ def simulate_full(lowered: LoweredModel, key: PRNGKeyArray, num: int, num_sites:
     keys = jr.split(key, num)
     parts = []
     for start, n in _chunks(num, size):
-        chunk_keys = keys[start:start + n]
-        if n < size:
-            chunk_keys = jnp.concatenate([chunk_keys, keys[:size - n]])
-        parts.append(jax.tree.map(lambda a: np.asarray(a[:n]), batch(chunk_keys)))
+        parts.append(jax.tree.map(np.asarray, batch(keys[start:start + n])))
         counter.calls += n * num_sites
         if progress:
             progress(start + n, num)
