@@ -29,6 +29,7 @@ class Model:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     definitions: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     path: Optional[str] = None
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)  # lowered model, jitted simulators
 
     @property
     def name(self) -> str:
@@ -37,6 +38,29 @@ class Model:
     @property
     def hash(self) -> str:
         return self.ir.hash
+
+    def lowered(self):
+        """The model lowered to JAX (`hierdsl.runtime.lower.LoweredModel`), built once."""
+        if "lowered" not in self._cache:
+            from hierdsl.runtime.lower import LoweredModel
+
+            self._cache["lowered"] = LoweredModel(self.ir, dict(self.functions))
+        return self._cache["lowered"]
+
+    def simulate(self, key, n_sites: Optional[int] = None, params: Optional[Mapping[str, Any]] = None) -> dict:
+        """Simulate a data set: globals at their shape, per-site values with a leading site axis.
+
+        `params` fixes some globals (at their shape) or locals/inputs (with a site axis); the rest is
+        drawn from the prior. Compiled once per site count.
+        """
+        import jax
+
+        n_sites = int(n_sites or self.ir.num_sites)
+        fn = self._cache.get(("simulate", n_sites))
+        if fn is None:
+            fn = jax.jit(lambda k, p: self.lowered().simulate(k, n_sites, p))
+            self._cache[("simulate", n_sites)] = fn
+        return fn(key, dict(params or {}))
 
     def structure(self) -> str:
         """The global/site structure as a text table (what `hierdsl compile` prints)."""

@@ -51,11 +51,17 @@ class NetworkConfig:
     width: int = 64
     depth: int = 2
     num_heads: int = 4
-    attention: str = "blockwise"
+    attention: str = "auto"  # "blockwise", "dense", or "auto": dense while there are few tokens
 
     def build(self, layout: TokenLayout, key: PRNGKeyArray) -> TokenTransformer:
+        attention = self.attention
+        if attention == "auto":
+            # Few tokens: one dense product beats many small per-site ones (measured on CPU,
+            # benchmarks/attention.py); many tokens: blockwise, linear in the number of sites.
+            tokens = layout.num_global_tokens + layout.max_sites * layout.tokens_per_site
+            attention = "dense" if tokens <= 128 else "blockwise"
         return TokenTransformer(layout, width=self.width, depth=self.depth, num_heads=self.num_heads,
-                                attention=self.attention, key=key)
+                                attention=attention, key=key)
 
 
 @dataclass(frozen=True)
