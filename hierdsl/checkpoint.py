@@ -170,3 +170,73 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
 def describe(header: Mapping[str, Any]) -> str:
     return (f"estimator for model {header['model_name']} ({header['strategy']['name']}, budget {header['budget']}, "
             f"up to {header['max_sites']} sites), hierdsl {header['hierdsl_version']}")
+
+
+class PartialRun:
+    """Finished stages of a `hierdsl train` run, kept beside its output (`OUT.partial/`) so that an
+    interrupted run resumes where it stopped. A run resumes only with the same model, settings,
+    budget and seed (its fingerprint); otherwise the folder is started afresh."""
+
+    def __init__(self, output: str, fingerprint: Mapping[str, Any]):
+        import os
+
+        self.folder = output + ".partial"
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        meta = os.path.join(self.folder, "meta.json")
+        self.resumed = False
+        if os.path.isfile(meta):
+            try:
+                with open(meta, encoding="utf-8") as handle:
+                    self.resumed = json.load(handle) == self.fingerprint
+            except (OSError, json.JSONDecodeError):
+                self.resumed = False
+            if not self.resumed:
+                self.clear()
+        os.makedirs(self.folder, exist_ok=True)
+        atomic_write(meta, json.dumps(self.fingerprint, sort_keys=True))
+
+    def _path(self, name: str) -> str:
+        import os
+
+        return os.path.join(self.folder, name)
+
+    def load_arrays(self, stage: str):
+        import numpy as np
+
+        path = self._path(stage + ".npz")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        except (OSError, ValueError):
+            return None
+
+    def save_arrays(self, stage: str, arrays: dict) -> None:
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+        atomic_write(self._path(stage + ".npz"), buffer.getvalue())
+
+    def load_modules(self, stage: str, like):
+        try:
+            with open(self._path(stage + ".json"), encoding="utf-8") as handle:
+                info = json.load(handle)
+            with open(self._path(stage + ".eqx"), "rb") as handle:
+                blob = handle.read()
+            if hashlib.sha256(blob).hexdigest() != info.pop("__sha256__"):
+                return None
+            return eqx.tree_deserialise_leaves(io.BytesIO(blob), like), info
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError):
+            return None
+
+    def save_modules(self, stage: str, modules, info: dict) -> None:
+        buffer = io.BytesIO()
+        eqx.tree_serialise_leaves(buffer, modules)
+        blob = buffer.getvalue()
+        atomic_write(self._path(stage + ".eqx"), blob)
+        atomic_write(self._path(stage + ".json"), json.dumps({**info, "__sha256__": hashlib.sha256(blob).hexdigest()}))
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -136,15 +136,29 @@ def _strategy(ns: argparse.Namespace):
     return lf.LF(surrogate_training=training, posterior_training=training)
 
 
-def _train(ns: argparse.Namespace, model, progress):
+def _train(ns: argparse.Namespace, model, progress, output: str):
+    """Train, keeping finished stages beside `output` so an interrupted run resumes."""
+    import dataclasses
+
+    from hierdsl.checkpoint import PartialRun
     from hierdsl.inference import fit
 
     if ns.budget < 10:
         raise UserError("--budget must be at least 10 simulations")
+    strategy = _strategy(ns)
+    max_sites = ns.max_sites or model.ir.num_sites
+    fingerprint = {"model": model.ir.hash, "strategy": dataclasses.asdict(strategy), "method": ns.method,
+                   "budget": ns.budget, "seed": ns.seed, "max_sites": max_sites}
+    store = PartialRun(output, fingerprint)
+    if store.resumed:
+        progress.message(f"resuming the interrupted run kept in {store.folder}")
     progress.message(f"training a {ns.method} estimator for {model.ir.name}: budget {ns.budget} simulator calls, "
-                     f"up to {ns.max_sites or model.ir.num_sites} sites")
-    return fit(model, budget=ns.budget, key=_key(ns.seed), strategy=_strategy(ns), max_sites=ns.max_sites,
-               progress=progress)
+                     f"up to {max_sites} sites")
+    estimator = fit(model, budget=ns.budget, key=_key(ns.seed), strategy=strategy, max_sites=max_sites,
+                    progress=progress, store=store)
+    estimator.save(output)
+    store.clear()
+    return estimator
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -152,8 +166,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     model = _compile_for_run(ns)
     progress = Progress(quiet=ns.quiet)
-    estimator = _train(ns, model, progress)
-    estimator.save(ns.output)
+    estimator = _train(ns, model, progress, ns.output)
     progress.message(f"estimator written to {ns.output} ({estimator.simulator_calls} simulator calls)")
     return 0
 
@@ -179,8 +192,7 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         progress.message(f"using the estimator in {ns.estimator}")
         trained_here = False
     else:
-        estimator = _train(ns, model, progress)
-        estimator.save(os.path.join(ns.output, "estimator.hsbe"))
+        estimator = _train(ns, model, progress, os.path.join(ns.output, "estimator.hsbe"))
         trained_here = True
     t0 = time.perf_counter()
     posterior = estimator.condition(data)

@@ -38,7 +38,7 @@ def lower(model: Model) -> LoweredModel:
 
 
 def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, max_sites: Optional[int] = None,
-        progress=None) -> "Estimator":
+        progress=None, store: Optional[lf.StageStore] = None) -> "Estimator":
     """Train an amortised estimator for `model` with `budget` single-site simulator calls.
 
     Arguments:
@@ -49,6 +49,7 @@ def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, 
         max_sites: the largest number of sites the estimator serves (default: the model's
             `num_sites`); any data set with up to this many sites can be conditioned on.
         progress: an object with `bar(label, total)` and `epochs(label, total)` (the CLI's bars).
+        store: keeps finished stages so an interrupted run resumes (`hierdsl.checkpoint.PartialRun`).
     """
     strategy = strategy or lf.LF()
     max_sites = int(max_sites or model.ir.num_sites)
@@ -56,9 +57,9 @@ def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, 
         raise ValueError(f"a budget of {budget} simulations is too small to train on; use at least 10")
     lowered = lower(model)
     if isinstance(strategy, lf.Direct):
-        trained = lf.train_direct(lowered, budget, key, strategy, max_sites, progress=progress)
+        trained = lf.train_direct(lowered, budget, key, strategy, max_sites, progress=progress, store=store)
     else:
-        trained = lf.train_lf(lowered, budget, key, strategy, max_sites, progress=progress)
+        trained = lf.train_lf(lowered, budget, key, strategy, max_sites, progress=progress, store=store)
     return Estimator(model, strategy, budget, trained)
 
 

@@ -10,7 +10,8 @@ from typing import Callable, Optional, TextIO
 class Progress:
     """Draws progress on a stream (stderr); `quiet=True` draws nothing."""
 
-    def __init__(self, stream: TextIO = sys.stderr, quiet: bool = False):
+    def __init__(self, stream: Optional[TextIO] = None, quiet: bool = False):
+        stream = stream or sys.stderr
         self.stream = stream
         self.quiet = quiet
         self.interactive = hasattr(stream, "isatty") and stream.isatty()

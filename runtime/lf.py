@@ -71,8 +71,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     batch_size: int = 128
     max_epochs: int = 200
-    patience: int = 15
-    steps_per_epoch: int = 50  # for networks trained on freshly drawn batches
+    patience: int = 20
+    steps_per_epoch: int = 100  # for networks trained on freshly drawn batches
     validation_fraction: float = 0.1
 
     def optimiser(self):
@@ -444,17 +444,50 @@ class _VF(eqx.Module):
         return TokenVectorField(self.network, self.split)(t, x, context)
 
 
+class StageStore:
+    """Keeps finished training stages so that an interrupted run can resume; this one keeps
+    nothing (`hierdsl.checkpoint.PartialRun` keeps them on disk)."""
+
+    def load_arrays(self, stage: str) -> Optional[dict]:
+        return None
+
+    def save_arrays(self, stage: str, arrays: dict) -> None:
+        pass
+
+    def load_modules(self, stage: str, like):
+        return None
+
+    def save_modules(self, stage: str, modules, info: dict) -> None:
+        pass
+
+
+def _simulations(store: StageStore, progress, counter: SimulationCounter, seconds: dict, simulate) -> Values:
+    """Run (or reload) the simulation stage: the only stage that calls the simulator."""
+    saved = store.load_arrays("simulations")
+    if saved is not None:
+        counter.calls = int(saved.pop("__calls__"))
+        seconds["simulate"] = float(saved.pop("__seconds__"))
+        progress.message(f"simulate: reusing {counter.calls} simulator calls from the interrupted run")
+        return saved
+    start = time.perf_counter()
+    sims = simulate()
+    seconds["simulate"] = time.perf_counter() - start
+    store.save_arrays("simulations", {**sims, "__calls__": np.asarray(counter.calls),
+                                      "__seconds__": np.asarray(seconds["simulate"])})
+    return sims
+
+
 def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF, max_sites: int,
-             *, progress=None) -> Trained:
+             *, progress=None, store: Optional[StageStore] = None) -> Trained:
     """Likelihood-factorised training from `budget` single-site simulations."""
     progress = progress or _NoProgress()
+    store = store or StageStore()
     counter = SimulationCounter()
     seconds: dict[str, float] = {}
     k_sim, k_deq, k_net_s, k_train_s, k_pool, k_net_p, k_train_p = jr.split(key, 7)
 
-    start = time.perf_counter()
-    sims = simulate_single_sites(lowered, k_sim, budget, counter, progress=progress.bar("simulate", budget))
-    seconds["simulate"] = time.perf_counter() - start
+    sims = _simulations(store, progress, counter, seconds, lambda: simulate_single_sites(
+        lowered, k_sim, budget, counter, progress=progress.bar("simulate", budget)))
 
     layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
     flow_vals = flow_values_batch(lowered, sims, k_deq)
@@ -465,12 +498,19 @@ def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF
     split1 = surrogate_split(layout1, lowered)
     stages = {"surrogate": StageLog(), "posterior": StageLog()}
     network = strategy.surrogate.build(layout1, k_net_s)
-    data = flow_data(split1, layout1, tokens)
-    vf = _fit(_VF(network, split1), data, k_train_s, strategy.surrogate_training, stages["surrogate"],
-              progress.epochs("surrogate", strategy.surrogate_training.max_epochs))
-    surrogate = vf.network
+    saved = store.load_modules("surrogate", network)
+    if saved is not None:
+        surrogate, info = saved
+        stages["surrogate"] = StageLog(**info)
+        progress.message("surrogate: reusing the network trained by the interrupted run")
+    else:
+        data = flow_data(split1, layout1, tokens)
+        vf = _fit(_VF(network, split1), data, k_train_s, strategy.surrogate_training, stages["surrogate"],
+                  progress.epochs("surrogate", strategy.surrogate_training.max_epochs))
+        surrogate = vf.network
+        store.save_modules("surrogate", surrogate, dataclasses.asdict(stages["surrogate"]))
+        _report(progress, "surrogate", stages["surrogate"])
     seconds["surrogate"] = stages["surrogate"].seconds
-    _report(progress, "surrogate", stages["surrogate"])
 
     # Synthetic multi-site data sets: prior draws of globals and sites, surrogate observations.
     start = time.perf_counter()
@@ -553,19 +593,19 @@ def _site_names(lowered: LoweredModel) -> set[str]:
 
 
 def train_direct(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: Direct, max_sites: int,
-                 *, progress=None) -> Trained:
+                 *, progress=None, store: Optional[StageStore] = None) -> Trained:
     """The baseline: the posterior network trained on `budget // max_sites` full simulations."""
     progress = progress or _NoProgress()
     num = budget // max_sites
     if num < 2:
         raise ValueError(f"a budget of {budget} gives {num} full simulations of {max_sites} sites; "
                          f"direct training needs at least 2 (budget ≥ {2 * max_sites})")
+    store = store or StageStore()
     counter = SimulationCounter()
     seconds: dict[str, float] = {}
     k_sim, k_deq, k_net, k_train, k_val = jr.split(key, 5)
-    start = time.perf_counter()
-    sims = simulate_full(lowered, k_sim, num, max_sites, counter, progress=progress.bar("simulate", num))
-    seconds["simulate"] = time.perf_counter() - start
+    sims = _simulations(store, progress, counter, seconds, lambda: simulate_full(
+        lowered, k_sim, num, max_sites, counter, progress=progress.bar("simulate", num)))
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
     split = posterior_split(layout, lowered)
     flow_vals = flow_values_batch(lowered, sims, k_deq, dequantise=False)

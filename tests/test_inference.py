@@ -163,3 +163,34 @@ def test_simulate_then_infer_gaussian_linear(tmp_path):
     estimate = float(idata.posterior["sigma"].mean())
     # σ's exact posterior sd is ~0.3 here; a budget of 1,000 gets its mean to within 0.2.
     assert abs(estimate - exact) < 0.2, (estimate, exact)
+
+
+def test_interrupted_train_resumes_without_new_simulations(tmp_path, monkeypatch):
+    from hierdsl.checkpoint import read_header
+
+    model_file = os.path.join(EXAMPLES, "gaussian_linear.hsbi")
+    out = str(tmp_path / "est.hsbe")
+    args = ["train", model_file, "--arg", "n_sites=3", "--budget", "120", "--epochs", "2", "-o", out]
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lf, "synthetic_pool", interrupt)
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 130
+    assert not os.path.exists(out)
+    assert sorted(os.listdir(out + ".partial")) == ["meta.json", "simulations.npz", "surrogate.eqx", "surrogate.json"]
+    monkeypatch.undo()
+
+    def no_simulations(*a, **k):
+        raise AssertionError("a resumed run must not simulate again")
+
+    monkeypatch.setattr(lf, "simulate_single_sites", no_simulations)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 0
+    assert "reusing 120 simulator calls" in err.getvalue()
+    assert "reusing the network trained by the interrupted run" in err.getvalue()
+    header, _ = read_header(out)
+    assert header["simulator_calls"] == 120
+    assert not os.path.exists(out + ".partial")
