@@ -136,7 +136,7 @@ def _strategy(ns: argparse.Namespace):
     return lf.LF(surrogate_training=training, posterior_training=training)
 
 
-def _train(ns: argparse.Namespace, model, progress, output: str):
+def _train(ns: argparse.Namespace, model, progress, output: str, data=None):
     """Train, keeping finished stages beside `output` so an interrupted run resumes."""
     import dataclasses
 
@@ -145,17 +145,22 @@ def _train(ns: argparse.Namespace, model, progress, output: str):
 
     if ns.budget < 10:
         raise UserError("--budget must be at least 10 simulations")
+    rounds = getattr(ns, "rounds", 1)
+    if rounds < 1:
+        raise UserError("--rounds must be at least 1")
+    if rounds > 1 and ns.method != "lf":
+        raise UserError("--rounds needs --method lf")
     strategy = _strategy(ns)
     max_sites = ns.max_sites or model.ir.num_sites
     fingerprint = {"model": model.ir.hash, "strategy": dataclasses.asdict(strategy), "method": ns.method,
-                   "budget": ns.budget, "seed": ns.seed, "max_sites": max_sites}
+                   "budget": ns.budget, "seed": ns.seed, "max_sites": max_sites, "rounds": rounds}
     store = PartialRun(output, fingerprint)
     if store.resumed:
         progress.message(f"resuming the interrupted run kept in {store.folder}")
     progress.message(f"training a {ns.method} estimator for {model.ir.name}: budget {ns.budget} simulator calls, "
                      f"up to {max_sites} sites")
     estimator = fit(model, budget=ns.budget, key=_key(ns.seed), strategy=strategy, max_sites=max_sites,
-                    progress=progress, store=store)
+                    progress=progress, store=store, rounds=rounds, data=data)
     estimator.save(output)
     store.clear()
     return estimator
@@ -192,7 +197,7 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         progress.message(f"using the estimator in {ns.estimator}")
         trained_here = False
     else:
-        estimator = _train(ns, model, progress, os.path.join(ns.output, "estimator.hsbe"))
+        estimator = _train(ns, model, progress, os.path.join(ns.output, "estimator.hsbe"), data)
         trained_here = True
     t0 = time.perf_counter()
     posterior = estimator.condition(data)
@@ -220,7 +225,7 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         "sites": list(data.sites), "seed": ns.seed, "method": estimator.strategy.name,
         "budget": estimator.budget, "simulator_calls": estimator.simulator_calls,
         "estimator": ns.estimator or os.path.join(ns.output, "estimator.hsbe"), "trained_in_this_run": trained_here,
-        "num_samples": ns.num_samples,
+        "num_samples": ns.num_samples, "rounds": ns.rounds if not ns.estimator else None,
         "seconds": {**{k: round(v, 3) for k, v in estimator.trained.seconds.items()},
                     "sample": round(sampling_seconds, 3), "total": round(time.perf_counter() - started, 3)},
         "versions": {"hierdsl": __version__, "jax": jax.__version__},
@@ -293,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="run", help="output folder (default ./run)")
     p.add_argument("--num-samples", type=int, default=2000, help="posterior draws (default 2000)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="sequential rounds toward these data (LF; the budget is split over them; default 1)")
     _add_run_options(p)
     _add_train_options(p)
     p.set_defaults(run=cmd_infer)

@@ -38,7 +38,8 @@ def lower(model: Model) -> LoweredModel:
 
 
 def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, max_sites: Optional[int] = None,
-        progress=None, store: Optional[lf.StageStore] = None) -> "Estimator":
+        progress=None, store: Optional[lf.StageStore] = None, rounds: int = 1,
+        data: Optional[Union[Dataset, Mapping[str, Any]]] = None) -> "Estimator":
     """Train an amortised estimator for `model` with `budget` single-site simulator calls.
 
     Arguments:
@@ -50,6 +51,10 @@ def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, 
             `num_sites`); any data set with up to this many sites can be conditioned on.
         progress: an object with `bar(label, total)` and `epochs(label, total)` (the CLI's bars).
         store: keeps finished stages so an interrupted run resumes (`hierdsl.checkpoint.PartialRun`).
+        rounds: sequential rounds toward `data` (LF only): the budget is split over the rounds, and
+            each round after the first simulates single sites at parameters drawn from the current
+            posterior for `data`, then trains both networks further (see `lf.refine_lf`).
+        data: the observed data the rounds focus on.
     """
     strategy = strategy or lf.LF()
     max_sites = int(max_sites or model.ir.num_sites)
@@ -58,9 +63,23 @@ def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, 
     lowered = lower(model)
     if isinstance(strategy, lf.Direct):
         trained = lf.train_direct(lowered, budget, key, strategy, max_sites, progress=progress, store=store)
-    else:
-        trained = lf.train_lf(lowered, budget, key, strategy, max_sites, progress=progress, store=store)
-    return Estimator(model, strategy, budget, trained)
+        return Estimator(model, strategy, budget, trained)
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if rounds > 1 and data is None:
+        raise ValueError("sequential rounds focus on one observed data set: pass data=...")
+    per_round = [budget // rounds + (1 if r < budget % rounds else 0) for r in range(rounds)]
+    keys = jr.split(key, rounds)
+    trained = lf.train_lf(lowered, per_round[0], keys[0], strategy, max_sites, progress=progress, store=store)
+    estimator = Estimator(model, strategy, per_round[0], trained)
+    for r in range(1, rounds):
+        if progress is not None:
+            progress.message(f"round {r + 1}/{rounds}: {per_round[r]} single-site simulations from the posterior")
+        k_prop, k_round = jr.split(keys[r])
+        proposal = estimator.condition(data).proposal(per_round[r], key=k_prop)
+        trained = lf.refine_lf(lowered, estimator.trained, proposal, per_round[r], k_round, strategy, progress)
+        estimator = Estimator(model, strategy, sum(per_round[: r + 1]), trained)
+    return estimator
 
 
 class Estimator:
@@ -142,6 +161,21 @@ class Posterior:
         n = self.num_sites
         return {name: np.asarray(value[:, :n] if self.estimator.model.ir.variable(name).per_site else value)
                 for name, value in samples.items()}
+
+    def proposal(self, num: int, *, key) -> tuple[dict, dict]:
+        """Parameters for `num` single-site simulations drawn from this posterior: each pairs one
+        draw's globals with the locals of one of its real sites (chosen at random) and that site's
+        observed inputs. Used by sequential rounds."""
+        k_sample, k_site = jr.split(key)
+        draws = self.sample(num, key=k_sample)
+        ir = self.estimator.model.ir
+        site = np.asarray(jr.randint(k_site, (num,), 0, self.num_sites))
+        globals = {v.name: jnp.asarray(draws[v.name]) for v in ir.globals}
+        site_params = {v.name: jnp.asarray(draws[v.name][np.arange(num), site]) for v in ir.locals}
+        for v in ir.inputs:
+            if v.stochastic:
+                site_params[v.name] = jnp.asarray(np.asarray(self.data.values[v.name])[site], jnp.float32)
+        return globals, site_params
 
     def log_prob(self, samples: Mapping[str, Any], *, key=None,
                  sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> np.ndarray:

@@ -416,6 +416,7 @@ class Trained:
     simulator_calls: int
     stages: dict[str, StageLog]
     seconds: dict[str, float]
+    simulations: Optional[Values] = None  # kept in memory for sequential rounds; never saved
 
 
 def _fit(network, data, key, config: TrainConfig, log: StageLog, on_epoch, *, validation_data=None,
@@ -490,12 +491,7 @@ def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF
         lowered, k_sim, budget, counter, progress=progress.bar("simulate", budget)))
 
     layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
-    flow_vals = flow_values_batch(lowered, sims, k_deq)
-    raw_tokens = encode_batch(layout1, flow_vals, 1)
-    normaliser = Normaliser.fit(raw_tokens)
-    tokens = normaliser.forward(raw_tokens)
-
-    split1 = surrogate_split(layout1, lowered)
+    normaliser = Normaliser.fit(encode_batch(layout1, flow_values_batch(lowered, sims, k_deq), 1))
     stages = {"surrogate": StageLog(), "posterior": StageLog()}
     network = strategy.surrogate.build(layout1, k_net_s)
     saved = store.load_modules("surrogate", network)
@@ -504,37 +500,109 @@ def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF
         stages["surrogate"] = StageLog(**info)
         progress.message("surrogate: reusing the network trained by the interrupted run")
     else:
-        data = flow_data(split1, layout1, tokens)
-        vf = _fit(_VF(network, split1), data, k_train_s, strategy.surrogate_training, stages["surrogate"],
-                  progress.epochs("surrogate", strategy.surrogate_training.max_epochs))
-        surrogate = vf.network
+        surrogate = surrogate_stage(lowered, sims, normaliser, network, k_deq, k_train_s, strategy,
+                                    stages["surrogate"], progress)
         store.save_modules("surrogate", surrogate, dataclasses.asdict(stages["surrogate"]))
-        _report(progress, "surrogate", stages["surrogate"])
     seconds["surrogate"] = stages["surrogate"].seconds
 
-    # Synthetic multi-site data sets: prior draws of globals and sites, surrogate observations.
+    layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
+    posterior = strategy.posterior.build(layout, k_net_p)
+    posterior = posterior_stage(lowered, surrogate, normaliser, posterior, k_pool, k_train_p, strategy, budget,
+                                max_sites, stages["posterior"], seconds, progress)
+    return Trained(normaliser, posterior, surrogate, max_sites, counter.calls, stages, seconds, sims)
+
+
+def surrogate_stage(lowered: LoweredModel, sims: Values, normaliser: Normaliser, network: TokenTransformer,
+                    key_deq: PRNGKeyArray, key: PRNGKeyArray, strategy: LF, log: StageLog, progress) -> TokenTransformer:
+    """Train the single-site surrogate q(y | globals, locals, inputs) on single-site simulations."""
+    layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
+    split1 = surrogate_split(layout1, lowered)
+    tokens = normaliser.forward(encode_batch(layout1, flow_values_batch(lowered, sims, key_deq), 1))
+    vf = _fit(_VF(network, split1), flow_data(split1, layout1, tokens), key, strategy.surrogate_training, log,
+              progress.epochs("surrogate", strategy.surrogate_training.max_epochs))
+    _report(progress, "surrogate", log)
+    return vf.network
+
+
+def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normaliser: Normaliser,
+                    network: TokenTransformer, key_pool: PRNGKeyArray, key: PRNGKeyArray, strategy: LF, budget: int,
+                    max_sites: int, log: StageLog, seconds: dict, progress) -> TokenTransformer:
+    """Assemble synthetic multi-site data sets from the prior and the surrogate (no simulator
+    calls), then train the posterior network on random site subsets of them."""
+    layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
+    split1 = surrogate_split(layout1, lowered)
     start = time.perf_counter()
     num_synthetic = strategy.num_synthetic or _default_pool(budget, max_sites, layout1.tokens_per_site)
-    pool = synthetic_pool(lowered, surrogate, split1, normaliser, k_pool, num_synthetic, max_sites,
+    pool = synthetic_pool(lowered, surrogate, split1, normaliser, key_pool, num_synthetic, max_sites,
                           strategy.sampler, progress=progress.bar("synthesise", num_synthetic))
-    seconds["synthesise"] = time.perf_counter() - start
+    seconds["synthesise"] = seconds.get("synthesise", 0.0) + time.perf_counter() - start
 
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
     split = posterior_split(layout, lowered)
-    k_val, k_train_p = jr.split(k_train_p)
-    n_val = max(1, int(round(num_synthetic * strategy.posterior_training.validation_fraction)))
+    k_val, key = jr.split(key)
+    config = strategy.posterior_training
+    n_val = max(1, int(round(num_synthetic * config.validation_fraction)))
     train_pool = jax.tree.map(lambda a: a[n_val:], pool)
     val_pool = jax.tree.map(lambda a: a[:n_val], pool)
-    config = strategy.posterior_training
     generator = SiteSubsets(train_pool, layout, split, config.batch_size, strategy.min_sites)
-    validation = SiteSubsets(val_pool, layout, split, max(n_val, 1), strategy.min_sites)(k_val)
-    network = strategy.posterior.build(layout, k_net_p)
-    vf = _fit(_VF(network, split), generator, k_train_p, config, stages["posterior"],
-              progress.epochs("posterior", config.max_epochs), validation_data=validation,
-              steps_per_epoch=config.steps_per_epoch)
-    seconds["posterior"] = stages["posterior"].seconds
-    _report(progress, "posterior", stages["posterior"])
-    return Trained(normaliser, vf.network, surrogate, max_sites, counter.calls, stages, seconds)
+    validation = SiteSubsets(val_pool, layout, split, n_val, strategy.min_sites)(k_val)
+    vf = _fit(_VF(network, split), generator, key, config, log, progress.epochs("posterior", config.max_epochs),
+              validation_data=validation, steps_per_epoch=config.steps_per_epoch)
+    seconds["posterior"] = seconds.get("posterior", 0.0) + log.seconds
+    _report(progress, "posterior", log)
+    return vf.network
+
+
+def simulate_sites_at(lowered: LoweredModel, key: PRNGKeyArray, globals: Values, site_params: Values,
+                      counter: SimulationCounter) -> Values:
+    """Single-site simulations at given parameters (leading axis: simulations): one call each."""
+    num = jax.tree.leaves(globals)[0].shape[0]
+
+    @jax.jit
+    def batch(keys, g, p):
+        def one(k, gi, pi):
+            sim = lowered.simulate_site(k, gi, pi)
+            site = {**pi, **sim}
+            return {**gi, **{name: value[None] for name, value in site.items()}}
+        return jax.vmap(one)(keys, g, p)
+
+    sims = jax.tree.map(np.asarray, batch(jr.split(key, num), globals, site_params))
+    counter.calls += num
+    _check(lowered, sims)
+    return sims
+
+
+def refine_lf(lowered: LoweredModel, trained: Trained, proposal: tuple[Values, Values], budget: int,
+              key: PRNGKeyArray, strategy: LF, progress=None) -> Trained:
+    """One sequential round: `budget` more single-site simulations at parameters drawn from a
+    proposal (the current posterior for the observed data), then the surrogate and the posterior
+    are trained further, warm-started from the previous round.
+
+    The surrogate models the likelihood q(y | parameters), which does not depend on where its
+    training parameters were drawn, so proposal simulations need no importance weights; the
+    synthetic data sets are still drawn from the prior, so the posterior network stays the posterior
+    under the model's prior, now with a surrogate that is most accurate where the data point.
+    """
+    progress = progress or _NoProgress()
+    counter = SimulationCounter(trained.simulator_calls)
+    seconds = dict(trained.seconds)
+    k_sim, k_deq, k_train_s, k_pool, k_train_p = jr.split(key, 5)
+    start = time.perf_counter()
+    globals, site_params = proposal
+    new = simulate_sites_at(lowered, k_sim, globals, site_params, counter)
+    seconds["simulate"] = seconds.get("simulate", 0.0) + time.perf_counter() - start
+    sims = {name: np.concatenate([trained.simulations[name], new[name]]) for name in new}
+    stages = {"surrogate": StageLog(), "posterior": StageLog()}
+    surrogate = surrogate_stage(lowered, sims, trained.normaliser, trained.surrogate, k_deq, k_train_s, strategy,
+                                stages["surrogate"], progress)
+    seconds["surrogate"] = seconds.get("surrogate", 0.0) + stages["surrogate"].seconds
+    posterior = posterior_stage(lowered, surrogate, trained.normaliser, trained.posterior, k_pool, k_train_p,
+                                strategy, counter.calls, trained.max_sites, stages["posterior"], seconds, progress)
+    for name, log in stages.items():
+        old = trained.stages[name]
+        stages[name] = StageLog(old.train_loss + log.train_loss, old.val_loss + log.val_loss,
+                                len(old.train_loss) + log.best_epoch, old.seconds + log.seconds)
+    return Trained(trained.normaliser, posterior, surrogate, trained.max_sites, counter.calls, stages, seconds, sims)
 
 
 def _default_pool(budget: int, max_sites: int, tokens_per_site: int) -> int:
