@@ -7,6 +7,7 @@ never with a Python traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Optional, Sequence
@@ -130,10 +131,13 @@ def _truth_path(path: str) -> str:
 def _strategy(ns: argparse.Namespace):
     from hierdsl.runtime import lf
 
-    training = lf.TrainConfig(max_epochs=ns.epochs) if ns.epochs else lf.TrainConfig()
+    if not ns.epochs:
+        return lf.Direct() if ns.method == "direct" else lf.LF()
+    surrogate = dataclasses.replace(lf.TrainConfig(), max_epochs=ns.epochs)
+    posterior = dataclasses.replace(lf.POSTERIOR_TRAINING, max_epochs=ns.epochs)
     if ns.method == "direct":
-        return lf.Direct(posterior_training=training)
-    return lf.LF(surrogate_training=training, posterior_training=training)
+        return lf.Direct(posterior_training=posterior)
+    return lf.LF(surrogate_training=surrogate, posterior_training=posterior)
 
 
 def _train(ns: argparse.Namespace, model, progress, output: str, data=None):
@@ -251,7 +255,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("lf", "direct"), default="lf",
                    help="lf: likelihood factorisation (default); direct: full multi-site simulations")
     p.add_argument("--max-sites", type=int, default=None, help="largest site count served (default: the model's)")
-    p.add_argument("--epochs", type=int, default=None, help="most training epochs per network (default 200)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="most training epochs per network (default 200 surrogate, 100 posterior)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

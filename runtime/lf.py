@@ -72,7 +72,7 @@ class TrainConfig:
     batch_size: int = 128
     max_epochs: int = 200
     patience: int = 20
-    steps_per_epoch: int = 100  # for networks trained on freshly drawn batches
+    steps_per_epoch: int = 50  # for networks trained on freshly drawn batches
     validation_fraction: float = 0.1
 
     def optimiser(self):
@@ -80,11 +80,15 @@ class TrainConfig:
         return default_optimiser(self.learning_rate, warmup_steps=min(100, 2 * self.steps_per_epoch))
 
 
+# The posterior network's steps cost the most (many sites per example): fewer, shorter epochs.
+POSTERIOR_TRAINING = TrainConfig(max_epochs=100, patience=15)
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How flows are integrated when sampling: fixed steps of a second-order solver by default."""
 
-    num_steps: int = 24
+    num_steps: int = 16
     solver: str = "heun"  # "heun", "euler", or "tsit5" (adaptive)
 
     def options(self) -> dict:
@@ -102,7 +106,7 @@ class LF:
         surrogate, posterior: network sizes.
         surrogate_training, posterior_training: optimisation settings.
         num_synthetic: synthetic multi-site data sets drawn from the surrogate for the posterior
-            (free: they cost no simulator calls). None: `max(2000, 4 * budget)`, capped by memory.
+            (free: they cost no simulator calls). None: `max(2000, 2 * budget)`, capped by memory.
         min_sites: the smallest site count the posterior is trained for (it serves any count from
             `min_sites` to the estimator's `max_sites`).
         sampler: how the surrogate is integrated when assembling synthetic data.
@@ -111,7 +115,7 @@ class LF:
     surrogate: NetworkConfig = NetworkConfig()
     posterior: NetworkConfig = NetworkConfig()
     surrogate_training: TrainConfig = TrainConfig()
-    posterior_training: TrainConfig = TrainConfig()
+    posterior_training: TrainConfig = POSTERIOR_TRAINING
     num_synthetic: Optional[int] = None
     min_sites: int = 1
     sampler: SamplerConfig = SamplerConfig()
@@ -124,7 +128,7 @@ class Direct:
     """The baseline: the same posterior network trained on `budget // max_sites` full simulations."""
 
     posterior: NetworkConfig = NetworkConfig()
-    posterior_training: TrainConfig = TrainConfig()
+    posterior_training: TrainConfig = POSTERIOR_TRAINING
     min_sites: int = 1
 
     name = "direct"
@@ -608,7 +612,7 @@ def refine_lf(lowered: LoweredModel, trained: Trained, proposal: tuple[Values, V
 def _default_pool(budget: int, max_sites: int, tokens_per_site: int) -> int:
     # Synthetic data sets are free; bound the pool by memory (~4e7 token values) rather than budget.
     cap = max(200, int(4e7 // max(1, max_sites * tokens_per_site)))
-    return int(min(max(2000, 4 * budget), cap))
+    return int(min(max(2000, 2 * budget), cap))
 
 
 def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: TokenSplit, normaliser: Normaliser,
