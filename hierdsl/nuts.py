@@ -5,13 +5,15 @@
     ref.samples     # {"mu": (4000,), "tau": (4000,), "theta": (4000, 8)}, constrained
     ref.r_hat, ref.ess, ref.trusted
 
-The potential is `-log_joint_unconstrained` (`hierdsl.runtime.likelihood`): the model's log prior,
+The potential is `-log_joint_noncentred` (`hierdsl.runtime.likelihood`): the model's log prior,
 the log-Jacobian of its bijectors and the likelihood of its `observe y ~ D(…)` statements, in the
-unconstrained space NUTS moves in. NumPyro's NUTS kernel (`numpyro.infer.hmc.hmc(potential_fn_gen=…,
+unconstrained space NUTS moves in, with the Normal and LogNormal locals non-centred (the cure for
+hierarchical funnels such as Eight Schools'; `parameterisation="centred"` keeps the bijectors'
+coordinates, `-log_joint_unconstrained`). NumPyro's NUTS kernel (`numpyro.infer.hmc.hmc(potential_fn_gen=…,
 algo="NUTS")`, the kernel behind `MCMC(NUTS(…))`) runs with the data as a traced argument, so the
 sampler compiles once per model, data shape and settings and is reused for every data set — the
-benchmark's observations and `validate_reference`'s simulated data sets. Chains run vectorised
-(`vmap`) inside one `jit`.
+benchmark's observations and `validate_reference`'s simulated data sets. The chains run inside one
+`jit`, one after another (`lax.map`) by default or in lockstep (`vmap`).
 
 NumPyro is an optional dependency: `pip install 'hierdsl[bench]'`.
 """
@@ -21,8 +23,9 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +35,16 @@ from hierdsl.compiler.ir import E, ModelIR
 from hierdsl.data import Dataset
 from hierdsl.model import Model
 from hierdsl.runtime.errors import RuntimeModelError
-from hierdsl.runtime.likelihood import check_tractable, log_joint_unconstrained, site_values
+from hierdsl.runtime.likelihood import (
+    check_tractable,
+    from_noncentred,
+    log_joint_noncentred,
+    log_joint_unconstrained,
+    site_values,
+    to_noncentred,
+)
 from hierdsl.runtime.lower import LoweredModel
+from hierdsl.runtime.metrics import sbc_uniformity
 
 ModelLike = Union[Model, LoweredModel]
 
@@ -80,9 +91,12 @@ def reference_posterior(
     key: jax.Array,
     num_chains: int = 4,
     num_warmup: int = 1000,
-    target_accept_prob: float = 0.8,
+    target_accept_prob: float = 0.9,
     max_tree_depth: int = 10,
+    thinning: int = 1,
     num_init_draws: int = 16,
+    parameterisation: str = "noncentred",
+    chain_method: str = "sequential",
     r_hat_threshold: float = 1.01,
     ess_threshold: float = 400.0,
 ) -> ReferencePosterior:
@@ -95,14 +109,24 @@ def reference_posterior(
     Arguments:
         model: a compiled model (`hierdsl.compile`) or a `LoweredModel`.
         data: observations and inputs with a leading site axis (a mapping, or a `Dataset`).
-        num_samples: the number of draws returned, split evenly over the chains (each runs
-            `ceil(num_samples / num_chains)` iterations after warmup).
+        num_samples: the number of draws returned, split evenly over the chains (each keeps
+            `ceil(num_samples / num_chains)` draws after warmup).
         key: a JAX PRNG key.
         num_chains: independent chains (at least 2 for a meaningful R-hat).
         num_warmup: adaptation iterations per chain, discarded.
-        target_accept_prob: NUTS's step-size target; raise it (0.9, 0.95) if there are divergences.
+        target_accept_prob: NUTS's step-size target (0.9, above NumPyro's 0.8: hierarchical posteriors
+            are prone to funnels); raise it to 0.95 or 0.99 if there are divergences.
         max_tree_depth: NUTS's maximum tree depth (at most 2^depth leapfrog steps per iteration).
+        thinning: keep every `thinning`-th draw after warmup (the chains run `thinning` times as
+            long). Nearly independent draws matter for a C2ST against the reference: a classifier
+            can tell autocorrelated draws apart from independent ones by memorising neighbours.
         num_init_draws: prior draws per chain to choose its starting point from.
+        parameterisation: "noncentred" (locals with a Normal or LogNormal prior move as standard
+            normals, `likelihood.noncentred_locals`) or "centred" (every parameter in its
+            bijector's coordinates). The posterior is the same; non-centred avoids the funnel
+            of weakly informed sites, centred can mix better when every site is well informed.
+        chain_method: "sequential" (chains one after another, `lax.map`) or "vectorized" (in
+            lockstep, `vmap`: quicker on an accelerator, but it compiles several times slower).
         r_hat_threshold: `trusted` needs every split R-hat below this.
         ess_threshold: `trusted` needs every bulk ESS above this.
 
@@ -121,7 +145,14 @@ def reference_posterior(
             f"num_samples = {num_samples} over {num_chains} chains leaves {per_chain} draws per chain; "
             "split R-hat needs at least 4 per chain"
         )
-    run = _runner(lowered, num_warmup, per_chain, num_init_draws, target_accept_prob, max_tree_depth)
+    if thinning < 1:
+        raise ValueError(f"thinning keeps every k-th draw, k ≥ 1; got {thinning}")
+    if parameterisation not in ("noncentred", "centred"):
+        raise ValueError(f'parameterisation is "noncentred" or "centred", got {parameterisation!r}')
+    if chain_method not in ("sequential", "vectorized"):
+        raise ValueError(f'chain_method is "sequential" or "vectorized", got {chain_method!r}')
+    run = _runner(lowered, num_warmup, per_chain, thinning, num_init_draws, target_accept_prob, max_tree_depth,
+                  parameterisation, chain_method)
     keys = jax.random.split(_raw_key(key), num_chains)
     draws, diverging, started = jax.device_get(run(keys, values))
     if not np.all(started):
@@ -168,6 +199,17 @@ class ReferenceValidation:
     num_samples: int
     trusted: np.ndarray
     num_divergent: np.ndarray
+
+    def p_values(self, *, num_bins: int | None = None) -> dict[str, np.ndarray]:
+        """Per parameter element, the chi-square p-value that its ranks are uniform.
+
+        See `hierdsl.runtime.metrics.sbc_uniformity` (and `bonferroni` to combine them); with a
+        handful of observations the test has little power — read the ranks too.
+        """
+        return {
+            name: sbc_uniformity(r.reshape(r.shape[0], -1), self.num_samples, num_bins=num_bins).reshape(r.shape[1:])
+            for name, r in self.ranks.items()
+        }
 
 
 def validate_reference(
@@ -282,28 +324,38 @@ def _raw_key(key: jax.Array) -> jax.Array:
     return key
 
 
-def _runner(lowered: LoweredModel, num_warmup: int, num_draws: int, num_init: int, target_accept_prob: float,
-            max_tree_depth: int):
+def _runner(lowered: LoweredModel, num_warmup: int, num_draws: int, thinning: int, num_init: int,
+            target_accept_prob: float, max_tree_depth: int, parameterisation: str, chain_method: str):
     """The jitted sampler `(chain keys, data) → (constrained draws, diverging, started)`, cached."""
-    settings = (num_warmup, num_draws, num_init, float(target_accept_prob), int(max_tree_depth))
+    settings = (num_warmup, num_draws, thinning, num_init, float(target_accept_prob), int(max_tree_depth),
+                parameterisation, chain_method)
     cache = _RUNNERS.setdefault(lowered, {})
     if settings not in cache:
-        cache[settings] = _build_runner(lowered, *settings)
+        chain = _chain(lowered, *settings[:-1])
+        if chain_method == "vectorized":
+            cache[settings] = jax.jit(jax.vmap(chain, in_axes=(0, None)))
+        else:
+            cache[settings] = jax.jit(lambda keys, values: jax.lax.map(lambda key: chain(key, values), keys))
     return cache[settings]
 
 
-def _build_runner(lowered: LoweredModel, num_warmup: int, num_draws: int, num_init: int, target_accept_prob: float,
-                  max_tree_depth: int):
+def _chain(lowered: LoweredModel, num_warmup: int, num_draws: int, thinning: int, num_init: int,
+           target_accept_prob: float, max_tree_depth: int, parameterisation: str):
+    """One chain, `(key, data) → (constrained draws, diverging, started)`."""
     hmc = _numpyro().infer.hmc.hmc
     names = lowered.parameter_names
 
-    def log_joint(z, values):
-        return log_joint_unconstrained(lowered, z, values)
+    noncentred = parameterisation == "noncentred"
+
+    def log_joint(u, values):
+        if noncentred:
+            return log_joint_noncentred(lowered, u, values)
+        return log_joint_unconstrained(lowered, u, values)
 
     init_kernel, sample_kernel = hmc(potential_fn_gen=lambda values: lambda z: -log_joint(z, values), algo="NUTS")
 
     def prior_draw(key, values):
-        """One prior draw in unconstrained space, the data's inputs given."""
+        """One prior draw in the sampler's coordinates, the data's inputs given."""
         globals_key, sites_key = jax.random.split(key)
         globals = lowered.sample_globals(globals_key)
         inputs = {v.name: values[v.name] for v in lowered.ir.inputs}
@@ -311,11 +363,12 @@ def _build_runner(lowered: LoweredModel, num_warmup: int, num_draws: int, num_in
         site_keys = jax.random.split(sites_key, num_sites)
         sites = jax.vmap(lowered.sample_site_params, in_axes=(0, None, 0))(site_keys, globals, inputs)
         z = lowered.to_unconstrained({**globals, **sites})
-        return {name: z[name] for name in names}
+        z = {name: z[name] for name in names}
+        return to_noncentred(lowered, z, values) if noncentred else z
 
     def chain(key, values):
         init_key, nuts_key = jax.random.split(key)
-        candidates = jax.vmap(prior_draw, in_axes=(0, None))(jax.random.split(init_key, num_init), values)
+        candidates = jax.lax.map(lambda k: prior_draw(k, values), jax.random.split(init_key, num_init))
         densities = jax.vmap(log_joint, in_axes=(0, None))(candidates, values)
         densities = jnp.where(jnp.isnan(densities), -jnp.inf, densities)
         best = jnp.argmax(densities)
@@ -327,16 +380,21 @@ def _build_runner(lowered: LoweredModel, num_warmup: int, num_draws: int, num_in
             state = sample_kernel(state, model_args=(values,))
             return state, (state.z, state.diverging)
 
-        state, _ = jax.lax.scan(step, state, None, length=num_warmup)
-        _, (draws, diverging) = jax.lax.scan(step, state, None, length=num_draws)
+        # One scan over warmup and sampling: a second scan would compile the NUTS kernel twice.
+        _, (draws, diverging) = jax.lax.scan(step, state, None, length=num_warmup + num_draws * thinning)
+        draws = jax.tree.map(lambda x: x[num_warmup::thinning], draws)
+        diverging = diverging[num_warmup:]
         inputs = {name: values[name] for name in lowered.prior_inputs}
-        params = jax.vmap(lambda zi: lowered.to_constrained({**zi, **inputs})[0])(draws)
+        if noncentred:
+            draws = jax.vmap(lambda u: from_noncentred(lowered, u, values)[0])(draws)
+        params = jax.vmap(lambda z: lowered.to_constrained({**z, **inputs})[0])(draws)
         return {name: params[name] for name in names}, diverging, densities[best] > -jnp.inf
 
-    return jax.jit(jax.vmap(chain, in_axes=(0, None)))
+    return chain
 
 
 def _numpyro():
+    """NumPyro, imported on first use: it is an optional dependency."""
     try:
         import numpyro
         import numpyro.diagnostics
