@@ -61,6 +61,14 @@ def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, 
     if budget < 10:
         raise ValueError(f"a budget of {budget} simulations is too small to train on; use at least 10")
     lowered = lower(model)
+    reshaped = [v for v in (*model.ir.globals, *model.ir.locals)
+                if tuple(lowered.unconstrained_shapes[v.name]) != tuple(v.shape)]
+    if reshaped:
+        v = reshaped[0]
+        raise HsbiError([error(
+            f"parameter `{v.name}` has a {v.support.kind} prior, which the estimator does not support yet",
+            v.span, "its unconstrained form has fewer numbers than the parameter; use an unconstrained "
+            "parameterisation (e.g. softmax of Normal draws) for now")], dict(model.sources))
     if isinstance(strategy, lf.Direct):
         trained = lf.train_direct(lowered, budget, key, strategy, max_sites, progress=progress, store=store)
         return Estimator(model, strategy, budget, trained)

@@ -206,3 +206,16 @@ def test_sequential_rounds_simulate_single_sites_only():
     assert estimator.trained.simulations["x"].shape == (160, 1)
     draws = estimator.condition(data).sample(20, key=jax.random.key(0))
     assert np.all(np.isfinite(draws["mu"]))
+
+
+def test_simplex_parameters_are_refused_clearly():
+    model = hierdsl.compile("""
+model M(n::Int = 2)
+    w ~ Dirichlet([1.0, 1.0, 1.0])
+    sites i in 1:n
+        observe x ~ Normal(sum(w .* [1.0, 2.0, 3.0]), 1.0)
+    end
+end
+""")
+    with pytest.raises(hierdsl.HsbiError, match="parameter `w` has a simplex prior"):
+        hierdsl.fit(model, budget=100, key=jax.random.key(0), strategy=TINY_LF)
