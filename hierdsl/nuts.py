@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hierdsl.compiler.ir import E, ModelIR
+from hierdsl.compiler.ir import ModelIR
 from hierdsl.data import Dataset
 from hierdsl.model import Model
 from hierdsl.runtime.errors import RuntimeModelError
@@ -301,20 +301,8 @@ def _lowered(model: ModelLike) -> LoweredModel:
 
 
 def _host_externs(ir: ModelIR) -> list[str]:
-    host = {x.id: x.name for x in ir.externs if x.host}
-    found: list[str] = []
-
-    def walk(e: E) -> None:
-        if e.tag == "xcall" and e.data[0] in host and host[e.data[0]] not in found:
-            found.append(host[e.data[0]])
-        for a in e.args:
-            walk(a)
-
-    for v in ir.variables:
-        walk(v.expr)
-    for f in ir.functions:
-        walk(f.body)
-    return found
+    # The compiler keeps only the externs the model reaches, so every one listed is called.
+    return [x.name for x in ir.externs if x.host]
 
 
 def _raw_key(key: jax.Array) -> jax.Array:
