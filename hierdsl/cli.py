@@ -1,4 +1,4 @@
-"""Command-line interface: `hierdsl compile`, `hierdsl fmt`, `hierdsl --version`.
+"""Command-line interface: `hierdsl compile | fmt | simulate | train | infer | check | bench`.
 
 User errors (bad model files, bad data) print the rendered diagnostics and exit with status 1,
 never with a Python traceback.
@@ -308,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     _add_train_options(p)
     p.set_defaults(run=cmd_infer)
+
+    from hierdsl import bench, diagnose
+
+    diagnose.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

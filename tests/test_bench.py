@@ -1,0 +1,117 @@
+"""`hierdsl bench`: the quick preset end to end (what CI runs), resuming from the cache, the report."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hierdsl import bench
+from hierdsl.cli import main
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("bench"))
+    code, out, err = run_cli("bench", "--quick", "-o", folder)
+    return folder, code, out, err
+
+
+def test_quick_bench_end_to_end(quick_run):
+    folder, code, out, err = quick_run
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(os.path.join(folder, "results.jsonl"))]
+    settings = bench.QUICK
+    assert len(rows) == len(settings.methods) * len(settings.budgets) * settings.observations
+    for row in rows:
+        assert row["task"] == "gaussian_linear" and row["sites"] == 5
+        assert 0.0 <= row["c2st_joint"] <= 1.0 and 0.0 <= row["c2st_globals"] <= 1.0
+        assert 0.0 < row["lc2st_p_value"] <= 1.0 and row["lc2st_statistic"] >= 0.0
+        assert row["reference"]["kind"] == "exact"
+        # LF spends exactly B single-site calls; direct B // n full simulations of n sites.
+        expected = 200 if row["method"] == "lf" else (200 // 5) * 5
+        assert row["simulator_calls"] == expected
+    table = open(os.path.join(folder, "results.md")).read()
+    assert "| gaussian_linear | 5 | lf | 200 | 2 | 200 |" in table
+    assert "| gaussian_linear | 5 | direct | 200 | 2 | 200 |" in table
+    assert table.count("\n| gaussian_linear") == 2
+    assert out.strip().startswith("| task | n_s | method")
+    assert os.path.getsize(os.path.join(folder, "gaussian_linear.png")) > 10_000
+
+
+def test_rerun_reuses_cache_and_rows(quick_run):
+    folder, code, _, _ = quick_run
+    assert code == 0
+    before = open(os.path.join(folder, "results.jsonl")).read()
+    stamps = {f: os.path.getmtime(os.path.join(folder, "cache", f)) for f in os.listdir(os.path.join(folder, "cache"))}
+    code, out, err = run_cli("bench", "--quick", "-o", folder, "--quiet")
+    assert code == 0, err
+    assert open(os.path.join(folder, "results.jsonl")).read() == before  # nothing recomputed
+    assert {f: os.path.getmtime(os.path.join(folder, "cache", f)) for f in stamps} == stamps
+    assert err == ""  # --quiet
+
+
+def test_interrupted_run_resumes_missing_rows(quick_run, tmp_path):
+    folder, code, _, _ = quick_run
+    assert code == 0
+    # A copy of the run that lost its last row (as if killed while scoring it) recomputes only that row.
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(folder, copy)
+    lines = open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True)
+    with open(os.path.join(copy, "results.jsonl"), "w") as f:
+        f.writelines(lines[:-1])
+    code, _, err = run_cli("bench", "--quick", "-o", copy)
+    assert code == 0, err
+    assert ": training" not in err and "estimator from the cache" in err
+    again = open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True)
+    assert again[:-1] == lines[:-1] and len(again) == len(lines)
+    assert json.loads(again[-1])["id"] == json.loads(lines[-1])["id"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "nope"], "unknown task"),
+    (["--methods", "lf,magic"], "unknown method"),
+    (["--budgets", "1000,x"], "bad list"),
+    (["--budgets", "5"], "at least 10"),
+])
+def test_bad_options_exit_1(tmp_path, argv, message):
+    code, _, err = run_cli("bench", "--quick", "-o", str(tmp_path), *argv)
+    assert code == 1
+    assert message in err and "Traceback" not in err
+
+
+def test_mean_interval():
+    m, lo, hi = bench.mean_interval([0.5, 0.6, 0.7, 0.8])
+    assert m == pytest.approx(0.65)
+    assert 0.5 <= lo < m < hi <= 0.8
+    assert bench.mean_interval([0.7, None, float("nan")]) == (0.7, 0.7, 0.7)
+    assert all(np.isnan(bench.mean_interval([])))
+
+
+def test_table_groups_and_counts_rejections():
+    rows = [
+        {"task": "two_moons", "sites": 50, "method": m, "budget": b, "c2st_joint": 0.6 + 0.01 * i,
+         "c2st_globals": 0.55, "lc2st_statistic": 0.1, "lc2st_p_value": p, "simulator_calls": b,
+         "seconds": {"simulate": 1.0, "posterior": 10.0, "sample": 0.5}}
+        for m in ("direct", "lf") for b in (5000, 1000) for i, p in enumerate((0.01, 0.5, 0.03))
+    ]
+    lines = bench.table(rows).splitlines()
+    assert len(lines) == 2 + 4
+    # Sorted: methods in METHODS order (lf before direct), budgets ascending.
+    assert [line.split("|")[3].strip() for line in lines[2:]] == ["lf", "lf", "direct", "direct"]
+    assert [line.split("|")[4].strip() for line in lines[2:]] == ["1000", "5000", "1000", "5000"]
+    assert all("| 2/3 |" in line for line in lines[2:])
+    assert "0.610 [" in lines[2]
