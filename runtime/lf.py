@@ -74,14 +74,26 @@ class TrainConfig:
     patience: int = 20
     steps_per_epoch: int = 50  # for networks trained on freshly drawn batches
     validation_fraction: float = 0.1
+    schedule: str = "constant"  # "constant" after warm-up, or "cosine" decay to 0 over max_epochs
 
-    def optimiser(self):
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+    def optimiser(self, steps_per_epoch: Optional[int] = None):
+        warmup = min(100, 2 * self.steps_per_epoch)
+        if self.schedule == "cosine" and steps_per_epoch:
+            # A fixed step budget that anneals: early stopping only guards against over-fitting.
+            return default_optimiser(self.learning_rate, warmup_steps=warmup,
+                                     total_steps=max(warmup + 1, self.max_epochs * steps_per_epoch))
         # Constant rate after a short warm-up: early stopping decides the length.
-        return default_optimiser(self.learning_rate, warmup_steps=min(100, 2 * self.steps_per_epoch))
+        return default_optimiser(self.learning_rate, warmup_steps=warmup)
 
 
-# The posterior network's steps cost the most (many sites per example): fewer, shorter epochs.
-POSTERIOR_TRAINING = TrainConfig(max_epochs=100, patience=15)
+# The posterior network's steps cost the most (many sites per example): a fixed budget of steps on
+# fresh site subsets with a cosine-annealed rate reaches a lower loss in fewer steps than a
+# constant rate stopped early (measured on Eight Schools and Gaussian Linear; see issue notes).
+POSTERIOR_TRAINING = TrainConfig(max_epochs=40, patience=40, schedule="cosine")
 
 
 @dataclass(frozen=True)
@@ -151,11 +163,22 @@ class Normaliser(eqx.Module):
     def fit(tokens: Tokens) -> "Normaliser":
         """Statistics of a batch of tokens (leading batch axis), over real sites only."""
         def moments(values, weights, axes):
+            # Robust statistics: the median and the normal-consistent interquartile range, so that
+            # heavy-tailed priors (e.g. HalfCauchy scales) do not squash the typical values into a
+            # sliver near 0; the standard deviation where the IQR is 0 (mostly-constant tokens).
             count = jnp.maximum(weights.sum(axes), 1.0)
             mean = (values * weights).sum(axes) / count
             var = (((values - mean) ** 2) * weights).sum(axes) / count
+            real = jnp.where(weights > 0, values, jnp.nan)
+            if isinstance(axes, tuple):
+                real = real.reshape(-1, *real.shape[len(axes):])
+            q25, q50, q75 = jnp.nanquantile(real, jnp.asarray([0.25, 0.5, 0.75]), axis=0)
+            iqr_scale = (q75 - q25) / 1.349
+            scale = jnp.where(iqr_scale > 1e-6, iqr_scale, jnp.sqrt(var))
             # Constant tokens (e.g. a fixed design) keep scale 1 so they pass through unchanged.
-            return mean, jnp.where(var > 1e-12, jnp.sqrt(var), 1.0)
+            scale = jnp.where(var > 1e-12, scale, 1.0)
+            centre = jnp.where(jnp.isfinite(q50), q50, mean)
+            return centre, scale
 
         g_mean, g_scale = moments(tokens.global_values, jnp.ones_like(tokens.global_values), 0)
         site_w = jnp.broadcast_to(tokens.site_mask[..., None], tokens.site_values.shape)
@@ -428,7 +451,7 @@ def _fit(network, data, key, config: TrainConfig, log: StageLog, on_epoch, *, va
     start = time.perf_counter()
     result: TrainResult = train(
         network, data, key, validation_data=validation_data, validation_fraction=config.validation_fraction,
-        optimiser=config.optimiser(), batch_size=config.batch_size,
+        optimiser=config.optimiser(steps_per_epoch), batch_size=config.batch_size,
         steps_per_epoch=steps_per_epoch, max_epochs=config.max_epochs, patience=config.patience,
         on_epoch=on_epoch,
     )
