@@ -163,22 +163,13 @@ class Normaliser(eqx.Module):
     def fit(tokens: Tokens) -> "Normaliser":
         """Statistics of a batch of tokens (leading batch axis), over real sites only."""
         def moments(values, weights, axes):
-            # Robust statistics: the median and the normal-consistent interquartile range, so that
-            # heavy-tailed priors (e.g. HalfCauchy scales) do not squash the typical values into a
-            # sliver near 0; the standard deviation where the IQR is 0 (mostly-constant tokens).
             count = jnp.maximum(weights.sum(axes), 1.0)
             mean = (values * weights).sum(axes) / count
             var = (((values - mean) ** 2) * weights).sum(axes) / count
-            real = jnp.where(weights > 0, values, jnp.nan)
-            if isinstance(axes, tuple):
-                real = real.reshape(-1, *real.shape[len(axes):])
-            q25, q50, q75 = jnp.nanquantile(real, jnp.asarray([0.25, 0.5, 0.75]), axis=0)
-            iqr_scale = (q75 - q25) / 1.349
-            scale = jnp.where(iqr_scale > 1e-6, iqr_scale, jnp.sqrt(var))
             # Constant tokens (e.g. a fixed design) keep scale 1 so they pass through unchanged.
-            scale = jnp.where(var > 1e-12, scale, 1.0)
-            centre = jnp.where(jnp.isfinite(q50), q50, mean)
-            return centre, scale
+            # (Not median/IQR: tried for heavy-tailed priors, it blows up skewed counts such as
+            # SIR's binomial prevalences, whose IQR is tiny at early survey days.)
+            return mean, jnp.where(var > 1e-12, jnp.sqrt(var), 1.0)
 
         g_mean, g_scale = moments(tokens.global_values, jnp.ones_like(tokens.global_values), 0)
         site_w = jnp.broadcast_to(tokens.site_mask[..., None], tokens.site_values.shape)
