@@ -287,14 +287,11 @@ class Bench:
         sims = {k: np.asarray(v) for k, v in sim(jax.random.split(jax.random.key(20_000 + s.seed), s.lc2st_pairs)).items()}
         # (pairs, sites, ...) per variable: one flat row per simulated data set.
         params, data_names = _param_names(model), _data_names(model)
-        theta_q = []
-        keys = jax.random.split(jax.random.key(30_000 + s.seed), s.lc2st_pairs)
-        for i in range(s.lc2st_pairs):
-            draws = est.condition({k: sims[k][i] for k in data_names}).sample(1, key=keys[i])
-            theta_q.append(_flatten(draws, params)[0])
+        draws = est.sample_each({k: sims[k] for k in data_names}, key=jax.random.key(30_000 + s.seed))
+        theta_q = _flatten(draws, params)
         theta = _flatten(sims, params)
         x = _flatten(sims, data_names)
-        return fit_lc2st(theta, x, np.stack(theta_q), jax.random.key(40_000 + s.seed), num_null=s.lc2st_null,
+        return fit_lc2st(theta, x, theta_q, jax.random.key(40_000 + s.seed), num_null=s.lc2st_null,
                          hidden_width=s.lc2st_width)
 
     # -- the run ---------------------------------------------------------------

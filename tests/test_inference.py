@@ -87,6 +87,20 @@ def test_posterior_shapes_fixed_key_and_fewer_sites(counted_lf):
         estimator.condition({"x": np.zeros(5)})
 
 
+def test_sample_each_matches_one_draw_per_data_set(counted_lf):
+    model, est, _ = counted_lf
+    rng = np.random.default_rng(3)
+    data = {"x": rng.normal(size=(5, 3)).astype(np.float32)}  # 5 data sets of 3 sites
+    key = jax.random.key(11)
+    batched = est.sample_each(data, key=key)
+    assert batched["sigma"].shape == (5,) and batched["mu"].shape == (5, 3)
+    keys = jax.random.split(key, 5)
+    for i in range(5):
+        one = est.condition({"x": data["x"][i]}).sample(1, key=keys[i])
+        np.testing.assert_allclose(batched["sigma"][i], one["sigma"][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(batched["mu"][i], one["mu"][0], rtol=1e-4, atol=1e-5)
+
+
 def test_save_load_gives_identical_samples(counted_lf, tmp_path):
     model, estimator, _ = counted_lf
     path = str(tmp_path / "est.hsbe")
