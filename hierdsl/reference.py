@@ -1,12 +1,19 @@
-"""Exact reference posteriors for the Gaussian Linear benchmark tasks (NumPy/SciPy only).
+"""Reference posteriors for the benchmark tasks (`benchmark.md`): draws from the exact posterior, or
+from a deterministic approximation of it whose error is far below Monte Carlo error.
 
-Both tasks have σ ~ HalfNormal(1) and x_i ~ Normal(μ_i, σ). Given σ the sites decouple, so the
-posterior is sampled exactly up to a fine 1-D grid over σ:
+- Gaussian Linear and Gaussian Linear Uniform (NumPy/SciPy): `sample_gaussian_linear`, below.
+- Two Moons: `sample_two_moons` (quadrature likelihood of the globals, NUTS, exact site conditionals).
+- SIR: `sample_sir` (two-level grid over γ and the β of each site, from time-scaled ODE solves).
+
+The two Gaussian Linear tasks have σ ~ HalfNormal(1) and x_i ~ Normal(μ_i, σ). Given σ the sites
+decouple, so the posterior is sampled exactly up to a fine 1-D grid over σ:
 
 - Gaussian Linear, μ_i ~ Normal(0, 1): x_i | σ ~ Normal(0, √(1 + σ²)) and
   μ_i | x_i, σ ~ Normal(x_i / (1 + σ²), σ / √(1 + σ²)).
 - Gaussian Linear Uniform, μ_i ~ Uniform(−10, 10): p(x_i | σ) = [Φ((10 − x_i)/σ) − Φ((−10 − x_i)/σ)] / 20
   and μ_i | x_i, σ ~ TruncatedNormal(x_i, σ, −10, 10).
+
+Two Moons and SIR use JAX (float64 inside `jax.enable_x64`), Diffrax and NumPyro, imported on first use.
 """
 
 from __future__ import annotations
@@ -88,12 +95,15 @@ def posterior_mean_sigma(x: np.ndarray, uniform: bool = False) -> float:
 # the clip is ≥ 14 conditional sds away and drops mass below e⁻⁹⁸).
 #
 # What is left, (1/π)∫ da, is a 1-D integral of a continuous function of a that is smooth except at
-# the angles where the binding constraint changes (or the interval closes). Those breakpoints depend
-# on x only: `_two_moons_quadrature` finds them per site and sign (a scan on 2048 cells, then
-# bisection to 1e-12) and puts a Gauss–Legendre rule of order `TWO_MOONS_GL_ORDER` on each smooth piece
-# (split into parts of at most π/4). log p(x | μ, σ) = Σᵢ log p(xᵢ | μ, σ) is then a smooth,
-# deterministic function of the four globals, accurate to ~1e-9 per site against a 16384-node
-# midpoint rule (checked in the tests), at ~100 nodes per site.
+# the angles where the binding constraint changes or the interval closes, and varies fast where an
+# end of [lo, hi] sweeps through the bulk of r (near a = ±π/2 the validity bound (x₁ − ¼)/cos a does).
+# `_two_moons_parts` cuts (−π/2, π/2), per site and sign, wherever the binding constraints change or
+# an end crosses a multiple of 0.03 (3 sds of r) within r ∈ [−0.02, 0.22] (a scan on 4096 cells plus
+# geometric points near ±π/2, then bisection to ~1e-15), and into parts of at most π/4; these cuts
+# depend on x only. A Gauss–Legendre rule of order `TWO_MOONS_GL_ORDER` on each part (~85 nodes per
+# site) makes log p(x | μ, σ) = Σᵢ log p(xᵢ | μ, σ) a smooth, deterministic function of the four
+# globals, within 5e-5 per site of a 2¹⁸-node midpoint rule even at the most concentrated corners of
+# the prior (checked in the tests against a 2¹⁶-node rule and against plain Monte Carlo).
 #
 # Globals: NUTS (NumPyro's kernel, dense mass matrix, 4 chains) on that likelihood in unconstrained
 # coordinates μ = −1 + 2 sigmoid(u), σ = 0.1 + 2.9 sigmoid(v); the log-Jacobian is
@@ -106,10 +116,12 @@ def posterior_mean_sigma(x: np.ndarray, uniform: bool = False) -> float:
 #
 # Locals: given the globals the sites are independent and θᵢ is a function of (r, a, s), whose
 # conditional density is ∝ N(r) U(a) TN(θ_s(r, a)) · constraints. It is sampled the way the likelihood
-# is computed: (cell of a, s) ∝ the r-integrated mass at the midpoints of `TWO_MOONS_ANGLES` cells, a
-# uniform within its cell, then r exactly from its Gaussian conditional truncated to [lo(a), hi(a)]
-# (inverse CDF in log space). The one approximation is a piecewise-constant a-marginal within cells
-# of width π/1024 (θ moves by ≤ 3e-4 across a cell).
+# is computed: each part is cut into `TWO_MOONS_CELLS` cells; a cell is drawn ∝ its mass under the
+# log-linear interpolation of the r-integrated mass between the cell's ends, a from that log-linear
+# density within the cell (exact inverse CDF), then r exactly from its Gaussian conditional truncated
+# to [lo(a), hi(a)] (inverse CDF in log space). The one approximation is the log-linear a-marginal
+# within cells of at most π/64 rad (θ moves by at most 0.005 across one), checked in the tests against
+# a fine grid over the noise.
 
 TWO_MOONS_CELLS = 16
 TWO_MOONS_GL_ORDER = 6
@@ -254,21 +266,22 @@ def _two_moons_quadrature(parts: list[np.ndarray], order: int = TWO_MOONS_GL_ORD
             np.concatenate([log_w, np.full(pad, -np.inf)]), np.concatenate([site, np.zeros(pad, np.int32)]))
 
 
-def _two_moons_cells(parts: list[np.ndarray], cells_per_part: int = TWO_MOONS_CELLS, pad_to: int = 64):
-    """Sampling cells of a: `cells_per_part` equal cells on every piece, per site (n_sites, C).
+def _two_moons_cells(parts: list[np.ndarray], cells_per_part: int = TWO_MOONS_CELLS, pad_to: int = 16):
+    """Sampling cells of a: `cells_per_part` equal cells on every piece, per site.
 
-    Returns the cells' lower ends, widths (0 for padding) and signs.
+    Returns the cell edges (n_sites, P, cells_per_part + 1), the pieces' signs (n_sites, P) and
+    whether a piece is real (False for padding); P is padded to a multiple of `pad_to`.
     """
-    size = -(-max(len(p) for p in parts) * cells_per_part // pad_to) * pad_to
-    low, width, sign = np.zeros((len(parts), size)), np.zeros((len(parts), size)), np.ones((len(parts), size))
-    fractions = np.arange(cells_per_part) / cells_per_part
+    size = -(-max(len(p) for p in parts) // pad_to) * pad_to
+    edges = np.zeros((len(parts), size, cells_per_part + 1))
+    edges[...] = np.linspace(-0.5, 0.5, cells_per_part + 1)  # padding: any valid angles
+    sign, real = np.ones((len(parts), size)), np.zeros((len(parts), size), bool)
+    fractions = np.linspace(0.0, 1.0, cells_per_part + 1)
     for i, rows in enumerate(parts):
-        n = len(rows) * cells_per_part
-        step = (rows[:, 1:2] - rows[:, 0:1]) / cells_per_part
-        low[i, :n] = (rows[:, 0:1] + fractions * (rows[:, 1:2] - rows[:, 0:1])).ravel()
-        width[i, :n] = np.repeat(step[:, 0], cells_per_part)
-        sign[i, :n] = np.repeat(rows[:, 2], cells_per_part)
-    return low, width, sign
+        n = len(rows)
+        edges[i, :n] = rows[:, 0:1] + fractions * (rows[:, 1:2] - rows[:, 0:1])
+        sign[i, :n], real[i, :n] = rows[:, 2], True
+    return edges, sign, real
 
 
 def _two_moons_log_lik(x, nodes, mu, sigma):
@@ -360,12 +373,13 @@ def two_moons_globals(x: np.ndarray, num: int, seed: int = 0, *, num_chains: int
                       thinning: int = 2, parts: list[np.ndarray] | None = None) -> dict:
     """NUTS draws of (μ, σ) given all sites, symmetrised under R, with diagnostics.
 
-    Returns {"mu": (num, 2), "sigma": (num, 2), "r_hat": split R-hat of the folded draws of
-    (μ₁, μ₂, σ₁, σ₂), "num_divergent": divergent transitions after warmup}.
+    Returns {"mu": (num, 2), "sigma": (num, 2), "r_hat" and "ess": split R-hat and bulk effective
+    sample size of the folded draws of (μ₁, μ₂, σ₁, σ₂), "num_divergent": divergent transitions after
+    warmup}.
     """
     import jax
 
-    from hierdsl.nuts import split_r_hat
+    from hierdsl.nuts import bulk_ess, split_r_hat
 
     x = np.asarray(x, np.float64)
     nodes = _two_moons_quadrature(_two_moons_parts(x) if parts is None else parts)
@@ -381,14 +395,15 @@ def two_moons_globals(x: np.ndarray, num: int, seed: int = 0, *, num_chains: int
     fold = (mu[..., 0] + mu[..., 1] < 0)[..., None]
     mu_r, sigma_r = _reflect(mu, sigma)
     mu, sigma = np.where(fold, mu_r, mu), np.where(fold, sigma_r, sigma)
-    r_hat = split_r_hat(np.concatenate([mu, sigma], axis=-1))
+    folded = np.concatenate([mu, sigma], axis=-1)
+    r_hat, ess = split_r_hat(folded), bulk_ess(folded)
     flip = (np.random.default_rng([seed, 1]).random(mu.shape[:2]) < 0.5)[..., None]
     mu_r, sigma_r = _reflect(mu, sigma)
     mu, sigma = np.where(flip, mu_r, mu), np.where(flip, sigma_r, sigma)
     # Interleave the chains, so that truncating to `num` drops the last draws of some chains.
     mu = np.swapaxes(mu, 0, 1).reshape(-1, 2)[:num]
     sigma = np.swapaxes(sigma, 0, 1).reshape(-1, 2)[:num]
-    return {"mu": mu, "sigma": sigma, "r_hat": r_hat, "num_divergent": int(np.sum(diverging))}
+    return {"mu": mu, "sigma": sigma, "r_hat": r_hat, "ess": ess, "num_divergent": int(np.sum(diverging))}
 
 
 def _truncated_normal_inverse_cdf(lo, hi, uniform):
@@ -408,26 +423,56 @@ def _truncated_normal_inverse_cdf(lo, hi, uniform):
     return jnp.where(flip, -z, z)
 
 
+def _log_linear_cells(log_left, log_right, width):
+    """log ∫ over cells of the density that is log-linear between its log values at the cell's ends."""
+    import jax.numpy as jnp
+
+    top = jnp.maximum(log_left, log_right)
+    delta = jnp.abs(log_right - log_left)
+    safe = jnp.where(delta < 1e-8, 1.0, delta)
+    return jnp.log(width) + top + jnp.where(delta < 1e-8, -0.5 * delta, jnp.log(-jnp.expm1(-safe) / safe))
+
+
+def _log_linear_fraction(slope, uniform):
+    """Inverse CDF on [0, 1] of the density ∝ exp(slope · t), at uniforms in (0, 1)."""
+    import jax.numpy as jnp
+
+    safe = jnp.where(jnp.abs(slope) < 1e-8, 1.0, slope)
+    up = 1.0 + jnp.log(uniform + (1.0 - uniform) * jnp.exp(-jnp.abs(safe))) / jnp.abs(safe)
+    down = jnp.log1p(uniform * jnp.expm1(-jnp.abs(safe))) / -jnp.abs(safe)
+    return jnp.where(jnp.abs(slope) < 1e-8, uniform, jnp.where(slope > 0, up, down))
+
+
 def _two_moons_sites_chunk(key, x, cells, mu, sigma):
     """θ draws (chunk, n_sites, 2) given globals mu, sigma (chunk, 2) (JAX); see the notes above."""
     import jax
     import jax.numpy as jnp
 
-    low, width, sign = cells  # (n_sites, C)
+    edges, sign, real = cells  # (sites, P, C + 1), (sites, P), (sites, P)
     cell_key, jitter_key, r_key = jax.random.split(key, 3)
-    middle = low + 0.5 * width
-    log_mass = _two_moons_r_conditional(x[None, :, None, :], middle, sign, mu[:, None, None, :],
-                                        sigma[:, None, None, :])[0]  # (chunk, sites, C)
-    log_mass = jnp.where(width > 0, log_mass + jnp.log(jnp.where(width > 0, width, 1.0)), -jnp.inf)
-    cell = jax.random.categorical(cell_key, log_mass)  # (chunk, sites)
-    pick = lambda v: jnp.take_along_axis(jnp.broadcast_to(v, log_mass.shape), cell[..., None], axis=-1)[..., 0]
-    node, s = pick(middle), pick(sign)
-    a = pick(low) + jax.random.uniform(jitter_key, node.shape) * pick(width)
+    log_edge = _two_moons_r_conditional(x[None, :, None, None, :], edges, sign[..., None], mu[:, None, None, None, :],
+                                        sigma[:, None, None, None, :])[0]  # (chunk, sites, P, C + 1)
+    # Floor the log mass 60 below each site's largest (ends where the r-interval closes are −inf).
+    floor = jnp.max(log_edge, axis=(-2, -1), keepdims=True) - 60.0
+    log_edge = jnp.maximum(log_edge, floor)
+    left, right = log_edge[..., :-1], log_edge[..., 1:]
+    width = edges[..., 1:] - edges[..., :-1]
+    log_cell = jnp.where(real[..., None], _log_linear_cells(left, right, width), -jnp.inf)
+    num_cells = edges.shape[-1] - 1
+    cell = jax.random.categorical(cell_key, log_cell.reshape(*log_cell.shape[:2], -1))  # (chunk, sites)
+    part = cell // num_cells
+    pick = lambda v: jnp.take_along_axis(v.reshape(*v.shape[:2], -1), cell[..., None], axis=-1)[..., 0]
+    s = jnp.take_along_axis(jnp.broadcast_to(sign, cell.shape[:1] + sign.shape), part[..., None], axis=-1)[..., 0]
+    low = pick(jnp.broadcast_to(edges[..., :-1], log_cell.shape))
+    cell_width = pick(jnp.broadcast_to(width, log_cell.shape))
+    slope = pick(right - left)
+    fraction = _log_linear_fraction(slope, jax.random.uniform(jitter_key, cell.shape, minval=1e-12, maxval=1.0))
+    a = low + jnp.clip(fraction, 0.0, 1.0) * cell_width
     mu_b, sigma_b = mu[:, None, :], sigma[:, None, :]
-    # A jittered angle can leave the constrained region only next to its edge, where the mass is
-    # tiny; there the cell's midpoint is kept.
+    # The r-interval is non-empty inside every piece; should rounding put a draw on a piece's end,
+    # where it closes, the cell's midpoint is taken instead.
     outside = ~jnp.isfinite(_two_moons_r_conditional(x[None], a, s, mu_b, sigma_b)[0])
-    a = jnp.where(outside, node, a)
+    a = jnp.where(outside, low + 0.5 * cell_width, a)
     _, mean, precision, lo, hi = _two_moons_r_conditional(x[None], a, s, mu_b, sigma_b)
     root = jnp.sqrt(precision)
     u = jax.random.uniform(r_key, mean.shape, minval=1e-300, maxval=1.0)
@@ -501,13 +546,13 @@ def sample_two_moons(x: np.ndarray, num: int, seed: int = 0) -> dict[str, np.nda
 # sampling error. The prior ranges are cut at ±6 prior sds (mass < 2e-9).
 #
 # Passes. The γ posterior of 50 sites is ~40 times narrower than the prior (sd ≈ 0.006 in log γ), so
-# the γ grid (64 nodes) zooms: each pass keeps the nodes within 30 log units of the best and puts the
-# next grid on them plus one spacing either side (the best node's neighbours bracket the mode of a
-# unimodal density). A grid is final when it keeps at least 12 nodes, its spacing is at most 0.3
-# posterior sds, and neither end node is within 30 log units of the best (otherwise the window is
-# widened on that side). The lattice spacing h starts at 0.0015 and must stay below a third of every
-# site's conditional sd of log βᵢ at the best γ node (typically ≥ 0.005); if not, the pass is redone
-# with h a fifth of the smallest.
+# the γ grid (64 nodes) zooms: each pass keeps the nodes within 25 log units of the best and puts the
+# next grid on them plus 1.5 spacings either side (the best node's neighbours bracket the mode of a
+# unimodal density). A grid is final when its spacing is at most 0.3 posterior sds and both end nodes
+# are more than 20 log units below the best (otherwise the window is widened on that side). The
+# lattice spacing h starts at 0.0015 and must stay below a third of every site's conditional sd of
+# log βᵢ at the best γ node (typically ≥ 0.005); if not, the pass is redone with h a fifth of the
+# smallest (but at least 1e-4).
 #
 # Sampling. γ: a final-grid cell ∝ its posterior mass, then uniform within the cell in log γ.
 # βᵢ given the γ node: a lattice cell ∝ N(log β) e^{ℓᵢ}, then uniform within it in log β.
@@ -516,7 +561,8 @@ SIR_DAYS = np.arange(0.0, 154.0, 17.0)
 _GAMMA_PRIOR = (np.log(0.125), 0.2)
 _BETA_PRIOR = (np.log(0.4), 0.5)
 _PRIOR_SDS = 6.0
-_LOG_DROP = 30.0
+_LOG_DROP = 25.0
+_MIN_BETA_SPACING = 1e-4  # ~60000 lattice nodes; no site seen needs less than 1e-3
 
 
 def _sir_solver():
@@ -646,19 +692,23 @@ def sir_grid_posterior(y: np.ndarray, days: np.ndarray = SIR_DAYS, n_pop: float 
         beta_sd = _grid_sd(log_r0, _sir_conditional(y, trials, log_p, log_q, log_r0, log_gamma, best))
         grid = SIRGrid(log_gamma, log_post, spacing, log_r0, h, log_p, log_q,
                        float(_grid_sd(log_gamma, log_post)), beta_sd, passes)
-        edges_clear = (k_lo > 0 or lo <= prior_lo) and (k_hi < num_gamma - 1 or hi >= prior_hi)
-        fine_enough = h <= grid.beta_sd.min() / 3
+        # Unimodal in γ: beyond a node 25 below the best the density keeps falling, so the next
+        # window, 1.5 spacings past the outermost kept nodes, has its end nodes ≥ 25 below the best
+        # (≥ 20 is asked, as new nodes sit half a new spacing inside the window).
+        low_clear = log_post[0] < log_post.max() - _LOG_DROP + 5 or lo <= prior_lo
+        high_clear = log_post[-1] < log_post.max() - _LOG_DROP + 5 or hi >= prior_hi
+        fine_enough = h <= grid.beta_sd.min() / 3 or h <= _MIN_BETA_SPACING
         if not fine_enough:
-            h = max(grid.beta_sd.min() / 5, 1e-4)
-        if edges_clear and fine_enough and keep.size >= 12 and spacing <= 0.3 * grid.gamma_sd:
+            h = max(grid.beta_sd.min() / 5, _MIN_BETA_SPACING)
+        if low_clear and high_clear and fine_enough and spacing <= 0.3 * grid.gamma_sd:
             return grid
-        if not edges_clear:  # mass at an end of the window: widen it on that side
+        if not (low_clear and high_clear):  # mass at an end of the window: widen it on that side
             width = hi - lo
-            lo = max(prior_lo, lo - width) if k_lo == 0 else lo
-            hi = min(prior_hi, hi + width) if k_hi == num_gamma - 1 else hi
-        else:  # zoom onto the kept nodes and one spacing either side
-            lo = max(prior_lo, log_gamma[k_lo] - spacing)
-            hi = min(prior_hi, log_gamma[k_hi] + spacing)
+            lo = lo if low_clear else max(prior_lo, lo - width)
+            hi = hi if high_clear else min(prior_hi, hi + width)
+        else:  # zoom onto the kept nodes
+            lo = max(prior_lo, log_gamma[k_lo] - 1.5 * spacing)
+            hi = min(prior_hi, log_gamma[k_hi] + 1.5 * spacing)
     raise RuntimeError(f"the SIR grid did not settle in {max_passes} passes")
 
 
