@@ -540,7 +540,8 @@ def cmd_bench(ns) -> int:
         bench = Bench(settings, ns.output, log)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    bench.run()
+    if not ns.report_only:
+        bench.run()
     command = "hierdsl bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "hierdsl bench"
     text, written = report(bench, command)
     print(text)
@@ -565,5 +566,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, help="rounds of the lf-rounds method (default 2)")
     p.add_argument("--seed", type=int, help="seed of the observations and the training (default 0)")
     p.add_argument("-o", "--output", default="bench", help="output folder, with its cache (default ./bench)")
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: write the table and plots of the rows these settings already have")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=cmd_bench)

@@ -62,6 +62,22 @@ def test_rerun_reuses_cache_and_rows(quick_run):
     assert err == ""  # --quiet
 
 
+def test_report_only_computes_nothing(quick_run, tmp_path):
+    folder, code, _, _ = quick_run
+    assert code == 0
+    import shutil
+
+    copy = str(tmp_path / "partial")
+    shutil.copytree(folder, copy)
+    lines = open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True)
+    with open(os.path.join(copy, "results.jsonl"), "w") as f:
+        f.writelines(lines[:1])
+    code, out, err = run_cli("bench", "--quick", "-o", copy, "--report-only")
+    assert code == 0, err
+    assert open(os.path.join(copy, "results.jsonl")).read() == lines[0]
+    assert "| gaussian_linear | 5 | lf | 200 | 1 |" in out and "direct" not in out.split("\n", 2)[2]
+
+
 def test_interrupted_run_resumes_missing_rows(quick_run, tmp_path):
     folder, code, _, _ = quick_run
     assert code == 0
