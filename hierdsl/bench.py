@@ -247,7 +247,13 @@ class Bench:
             with open(info_path) as f:
                 return arrays, json.load(f)
         start = time.perf_counter()
-        samples, info = TASKS[task].reference(model, data, s.reference_samples, 1000 * s.seed + index)
+        try:
+            samples, info = TASKS[task].reference(model, data, s.reference_samples, 1000 * s.seed + index)
+        except ImportError as exc:
+            from hierdsl.cli import UserError
+
+            raise UserError(f"the {task} reference posterior needs {exc.name or 'an optional package'}: "
+                            "pip install 'hierdsl[bench]'") from None
         info = {**info, "seconds": round(time.perf_counter() - start, 2)}
         _save_npz(path, samples)
         atomic_write(info_path, json.dumps(info))
