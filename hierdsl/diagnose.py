@@ -564,7 +564,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
         for reason in g.reasons:
             print(f"  {g.name}: {reason}")
     progress.message(f"\nwrote {', '.join(os.path.basename(p) for p in written)} to {ns.output}")
-    return 0
+    return 1 if ns.strict and not report.passed else 0
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -583,6 +583,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="sites per simulated data set (default: the data's, else the estimator's maximum)")
     p.add_argument("-o", "--output", default="check", help="output folder (default ./check)")
     p.add_argument("--quiet", action="store_true", help="no progress output (the verdict table is still printed)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when the overall verdict is FAIL (for scripts and CI); default 0")
     _add_run_options(p)
     p.set_defaults(run=cmd_check)
     return p

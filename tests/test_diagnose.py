@@ -166,6 +166,16 @@ def test_check_end_to_end(trained, monkeypatch, capsys):
     assert any(line.startswith("l-C2ST at the data:") for line in lines)
     assert printed.err == ""  # --quiet
 
+    # --strict: the exit status follows the verdict (the same seed and settings give the same one).
+    strict_out = str(folder / "strict")
+    status = run_check([GAUSSIAN_LINEAR, "--arg", f"n_sites={SITES}", "--estimator", estimator, "--data", data,
+                        "--sims", "30", "--samples", "20", "--seed", "1", "-o", strict_out, "--quiet", "--strict"])
+    with open(os.path.join(strict_out, "check.json"), encoding="utf-8") as handle:
+        verdict = json.load(handle)["verdict"]
+    assert verdict == report["verdict"]
+    assert status == (0 if verdict == "PASS" else 1)
+    capsys.readouterr()
+
 
 def _error(argv: list[str], capsys) -> str:
     status = run_check(argv)
