@@ -97,8 +97,8 @@ class Settings:
     """One benchmark run. The defaults are the protocol's main sweep (library training defaults)."""
 
     tasks: tuple[str, ...] = ("gaussian_linear", "two_moons", "sir")
-    methods: tuple[str, ...] = ("lf", "direct")
-    budgets: tuple[int, ...] = (1000, 5000)
+    methods: tuple[str, ...] = ("lf", "lf-rounds", "direct")
+    budgets: tuple[int, ...] = (1000, 5000, 10000)
     sites: tuple[int, ...] = (50,)
     observations: int = 10
     posterior_samples: int = 1000
@@ -123,7 +123,7 @@ class Settings:
 
 
 # A 2-core CPU: shorter training, smaller classifiers (documented with the results).
-CPU = Settings(posterior_samples=500, reference_samples=500, epochs=10, batch_size=64, num_synthetic=1000, c2st_steps=300,
+CPU = Settings(methods=("lf", "direct"), budgets=(1000, 5000), posterior_samples=500, reference_samples=500, epochs=10, batch_size=64, num_synthetic=1000, c2st_steps=300,
                c2st_width=64, lc2st_pairs=300, lc2st_null=20, lc2st_width=64)
 QUICK = Settings(tasks=("gaussian_linear",), methods=("lf", "direct"), budgets=(200,), sites=(5,), observations=2,
                  posterior_samples=200, reference_samples=200, epochs=3, surrogate_epochs=5, width=32, depth=1,
@@ -563,8 +563,8 @@ def add_parser(sub) -> None:
                    help="protocol: benchmark.md's settings (for a GPU or a long run); cpu: shorter training and "
                         "smaller classifiers; quick: see --quick. Options below override the preset")
     p.add_argument("--tasks", help=f"comma-separated, from {', '.join(TASKS)} (default gaussian_linear,two_moons,sir)")
-    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default lf,direct)")
-    p.add_argument("--budgets", help="comma-separated single-site simulation budgets (default 1000,5000)")
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: all; cpu preset lf,direct)")
+    p.add_argument("--budgets", help="comma-separated single-site simulation budgets (default 1000,5000,10000; cpu preset 1000,5000)")
     p.add_argument("--sites", help="comma-separated site counts n_s (default 50)")
     p.add_argument("--observations", type=int, help="observations per task (default 10)")
     p.add_argument("--epochs", type=int, help="the posterior network's training epochs (default: the library's)")

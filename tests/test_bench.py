@@ -131,3 +131,15 @@ def test_table_groups_and_counts_rejections():
     assert [line.split("|")[4].strip() for line in lines[2:]] == ["1000", "5000", "1000", "5000"]
     assert all("| 2/3 |" in line for line in lines[2:])
     assert "0.610 [" in lines[2]
+
+
+def test_lf_rounds_trains_one_estimator_per_observation(tmp_path):
+    code, out, err = run_cli("bench", "--quick", "--methods", "lf-rounds", "--observations", "1", "-o", str(tmp_path))
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert len(rows) == 1 and rows[0]["method"] == "lf-rounds"
+    assert rows[0]["simulator_calls"] == 200  # the budget is split over the rounds, not added to
+    assert rows[0]["lc2st_p_value"] is None  # not amortised: no l-C2ST
+    assert 0.0 <= rows[0]["c2st_joint"] <= 1.0
+    assert [f for f in os.listdir(tmp_path / "cache") if f.startswith("est_")][0].count("_obs0_") == 1
+    assert "| gaussian_linear | 5 | lf-rounds | 200 | 1 | 200 |" in out
