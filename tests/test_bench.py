@@ -62,16 +62,22 @@ def test_rerun_reuses_cache_and_rows(quick_run):
     assert err == ""  # --quiet
 
 
-def test_report_only_computes_nothing(quick_run, tmp_path):
-    folder, code, _, _ = quick_run
-    assert code == 0
+def copy_keeping_rows(quick_run, copy: str, keep: slice) -> tuple[str, list[str]]:
+    """A copy of the quick run's folder whose results keep only the rows `keep` selects; returns
+    the copy and all the original result lines."""
     import shutil
 
-    copy = str(tmp_path / "partial")
+    folder, code, _, _ = quick_run
+    assert code == 0
     shutil.copytree(folder, copy)
     lines = open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True)
     with open(os.path.join(copy, "results.jsonl"), "w") as f:
-        f.writelines(lines[:1])
+        f.writelines(lines[keep])
+    return copy, lines
+
+
+def test_report_only_computes_nothing(quick_run, tmp_path):
+    copy, lines = copy_keeping_rows(quick_run, str(tmp_path / "partial"), slice(None, 1))
     code, out, err = run_cli("bench", "--quick", "-o", copy, "--report-only")
     assert code == 0, err
     assert open(os.path.join(copy, "results.jsonl")).read() == lines[0]
@@ -79,16 +85,8 @@ def test_report_only_computes_nothing(quick_run, tmp_path):
 
 
 def test_interrupted_run_resumes_missing_rows(quick_run, tmp_path):
-    folder, code, _, _ = quick_run
-    assert code == 0
     # A copy of the run that lost its last row (as if killed while scoring it) recomputes only that row.
-    import shutil
-
-    copy = str(tmp_path / "copy")
-    shutil.copytree(folder, copy)
-    lines = open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True)
-    with open(os.path.join(copy, "results.jsonl"), "w") as f:
-        f.writelines(lines[:-1])
+    copy, lines = copy_keeping_rows(quick_run, str(tmp_path / "copy"), slice(None, -1))
     code, _, err = run_cli("bench", "--quick", "-o", copy)
     assert code == 0, err
     assert ": training" not in err and "estimator from the cache" in err
