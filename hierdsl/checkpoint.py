@@ -84,6 +84,7 @@ def save_estimator(path: str, estimator) -> None:
         "simulator_calls": trained.simulator_calls,
         "seconds": trained.seconds,
         "stages": {k: dataclasses.asdict(v) for k, v in trained.stages.items()},
+        "truncation": trained.truncation.to_json() if trained.truncation is not None else None,
         "normaliser_shapes": {
             "globals": int(trained.normaliser.global_mean.shape[0]),
             "tokens": int(trained.normaliser.site_mean.shape[0]),
@@ -162,8 +163,9 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
     except Exception as exc:  # a payload that does not fit the networks the header describes
         raise _fail(path, f"estimator file `{path}` does not match the networks its header describes: {exc}") from None
     stages = {k: lf.StageLog(**v) for k, v in header["stages"].items()}
+    truncation = lf.Truncation.from_json(header["truncation"]) if header.get("truncation") else None
     trained = lf.Trained(normaliser, posterior, surrogate, max_sites, int(header["simulator_calls"]), stages,
-                         dict(header["seconds"]))
+                         dict(header["seconds"]), truncation=truncation)
     return Estimator(model, strategy, int(header["budget"]), trained)
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from hierdsl import __version__
@@ -230,6 +231,7 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         "budget": estimator.budget, "simulator_calls": estimator.simulator_calls,
         "estimator": ns.estimator or os.path.join(ns.output, "estimator.hsbe"), "trained_in_this_run": trained_here,
         "num_samples": ns.num_samples, "rounds": ns.rounds if not ns.estimator else None,
+        "truncation": estimator.trained.truncation.to_json() if estimator.trained.truncation is not None else None,
         "seconds": {**{k: round(v, 3) for k, v in estimator.trained.seconds.items()},
                     "sample": round(sampling_seconds, 3), "total": round(time.perf_counter() - started, 3)},
         "versions": {"hierdsl": __version__, "jax": jax.__version__},
@@ -304,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=2000, help="posterior draws (default 2000)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--rounds", type=int, default=1,
-                   help="sequential rounds toward these data (LF; the budget is split over them; default 1)")
+                   help="sequential rounds toward these data (LF; the budget is split over them; rounds after the "
+                        "first draw from the prior truncated to the current posterior's region; default 1)")
     _add_run_options(p)
     _add_train_options(p)
     p.set_defaults(run=cmd_infer)
@@ -316,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -323,7 +330,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return ns.run(ns)
+        with warnings.catch_warnings():
+            # Warnings from hierdsl are messages to the user, not source locations.
+            warnings.showwarning = _show_warning
+            return ns.run(ns)
     except HsbiError as exc:
         print(exc.render(), file=sys.stderr)
         n = sum(1 for d in exc.diagnostics if d.severity == "error")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Mapping, Optional, Union
 
 import equinox as eqx
@@ -31,6 +32,7 @@ from hierdsl.runtime.tokens import TokenLayout, target_mask
 
 Strategy = Union[lf.LF, lf.Direct]
 POSTERIOR_SAMPLER = lf.SamplerConfig(num_steps=32)
+REGION_WARNING = 0.05  # warn when more posterior draws than this leave a rounds-refined estimator's region
 
 
 def lower(model: Model) -> LoweredModel:
@@ -52,8 +54,9 @@ def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, 
         progress: an object with `bar(label, total)` and `epochs(label, total)` (the CLI's bars).
         store: keeps finished stages so an interrupted run resumes (`hierdsl.checkpoint.PartialRun`).
         rounds: sequential rounds toward `data` (LF only): the budget is split over the rounds, and
-            each round after the first simulates single sites at parameters drawn from the current
-            posterior for `data`, then trains both networks further (see `lf.refine_lf`).
+            each round after the first simulates single sites drawn from the prior truncated to the
+            current posterior's region for `data`, then trains both networks further (TSNPE-style;
+            see `lf.refine_lf`). The result is meant for `data` (and data like it), not amortised.
         data: the observed data the rounds focus on.
     """
     strategy = strategy or lf.LF()
@@ -82,10 +85,13 @@ def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, 
     estimator = Estimator(model, strategy, per_round[0], trained)
     for r in range(1, rounds):
         if progress is not None:
-            progress.message(f"round {r + 1}/{rounds}: {per_round[r]} single-site simulations from the posterior")
+            progress.message(f"round {r + 1}/{rounds}: {per_round[r]} single-site simulations from the prior "
+                             "truncated to the current posterior's region")
         k_prop, k_round = jr.split(keys[r])
-        proposal = estimator.condition(data).proposal(per_round[r], key=k_prop)
-        trained = lf.refine_lf(lowered, estimator.trained, proposal, per_round[r], k_round, strategy, progress)
+        posterior = estimator.condition(data)
+        site_inputs = {v.name: np.asarray(posterior.data.values[v.name]) for v in model.ir.inputs if v.stochastic}
+        trained = lf.refine_lf(lowered, estimator.trained, posterior.truncation(key=k_prop), per_round[r], k_round,
+                               strategy, progress, site_inputs=site_inputs)
         estimator = Estimator(model, strategy, sum(per_round[: r + 1]), trained)
     return estimator
 
@@ -192,27 +198,45 @@ class Posterior:
         samples = fn(self.estimator.trained.posterior, self.estimator.trained.normaliser, self.context, self.mask,
                      self.site_values, key, num)
         n = self.num_sites
+        draws = {name: np.asarray(value[:, :n] if self.estimator.model.ir.variable(name).per_site else value)
+                 for name, value in samples.items()}
+        if self.estimator.trained.truncation is not None:
+            self._check_region(draws)
+        return draws
+
+    def _check_region(self, draws: Mapping[str, np.ndarray]) -> None:
+        """An estimator refined by sequential rounds is trained for one data set's region of the
+        globals; warn when a posterior reaches outside it (other data than the rounds focused on)."""
+        box = self.estimator.trained.truncation
+        z = self.unconstrained(draws)
+        outside = np.zeros(len(next(iter(draws.values()))), bool)
+        for v in self.estimator.model.ir.globals:
+            value = z[v.name].reshape(len(outside), -1)
+            lower, upper = np.ravel(box.lower[v.name]), np.ravel(box.upper[v.name])
+            outside |= np.any((value < lower) | (value > upper), axis=1)
+        if outside.mean() > REGION_WARNING:
+            warnings.warn(
+                f"{100 * outside.mean():.0f}% of the posterior draws of the globals lie outside the region this "
+                "estimator's sequential rounds trained for: it was refined for other data, so this posterior is "
+                "not reliable; train without --rounds (amortised) or with rounds toward these data", stacklevel=3)
+
+    def truncation(self, *, key, num: int = 1000) -> lf.Truncation:
+        """The region a sequential round draws from: a box, in unconstrained coordinates, around
+        `num` draws of this posterior (per global, and per local pooled over the sites; see
+        `lf.Truncation`)."""
+        draws = self.sample(num, key=key)
+        return lf.Truncation.from_draws(self.estimator.lowered, self.unconstrained(draws), self.num_sites)
+
+    def unconstrained(self, samples: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Draws (as `sample` returns them) mapped to the unconstrained coordinates the networks use."""
+        params = self._padded(samples)
+        fn = _unconstrained_fn(self.estimator)
+        z = fn(params, self.site_values)
+        n = self.num_sites
         return {name: np.asarray(value[:, :n] if self.estimator.model.ir.variable(name).per_site else value)
-                for name, value in samples.items()}
+                for name, value in z.items()}
 
-    def proposal(self, num: int, *, key) -> tuple[dict, dict]:
-        """Parameters for `num` single-site simulations drawn from this posterior: each pairs one
-        draw's globals with the locals of one of its real sites (chosen at random) and that site's
-        observed inputs. Used by sequential rounds."""
-        k_sample, k_site = jr.split(key)
-        draws = self.sample(num, key=k_sample)
-        ir = self.estimator.model.ir
-        site = np.asarray(jr.randint(k_site, (num,), 0, self.num_sites))
-        globals = {v.name: jnp.asarray(draws[v.name]) for v in ir.globals}
-        site_params = {v.name: jnp.asarray(draws[v.name][np.arange(num), site]) for v in ir.locals}
-        for v in ir.inputs:
-            if v.stochastic:
-                site_params[v.name] = jnp.asarray(np.asarray(self.data.values[v.name])[site], jnp.float32)
-        return globals, site_params
-
-    def log_prob(self, samples: Mapping[str, Any], *, key=None,
-                 sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> np.ndarray:
-        """The posterior log density of draws (as `sample` returns them), in constrained space."""
+    def _padded(self, samples: Mapping[str, Any]) -> dict[str, jnp.ndarray]:
         est = self.estimator
         n, N = self.num_sites, est.max_sites
         params = {}
@@ -222,6 +246,13 @@ class Posterior:
                 pad = jnp.zeros((value.shape[0], N - n, *v.shape), value.dtype)
                 value = jnp.concatenate([value, pad], axis=1)
             params[v.name] = value
+        return params
+
+    def log_prob(self, samples: Mapping[str, Any], *, key=None,
+                 sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> np.ndarray:
+        """The posterior log density of draws (as `sample` returns them), in constrained space."""
+        est = self.estimator
+        params = self._padded(samples)
         fn = _log_prob_fn(est, sampler)
         key = jr.key(0) if key is None else key
         return np.asarray(fn(est.trained.posterior, est.trained.normaliser, self.context, self.mask,
@@ -268,6 +299,20 @@ def _sampler(est: Estimator, sampler: lf.SamplerConfig):
 
         est._compiled[sampler] = sample
     return est._compiled[sampler]
+
+
+def _unconstrained_fn(est: Estimator):
+    if "unconstrained" not in est._compiled:
+        lowered = est.lowered
+
+        @jax.jit
+        def unconstrained(params, site_values):
+            prior_inputs = {n: site_values[n] for n in lowered.prior_inputs}
+            z = jax.vmap(lambda p: lowered.to_unconstrained({**p, **prior_inputs}))(params)
+            return {name: z[name] for name in params}
+
+        est._compiled["unconstrained"] = unconstrained
+    return est._compiled["unconstrained"]
 
 
 def _log_prob_fn(est: Estimator, sampler: lf.SamplerConfig):

@@ -33,6 +33,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .flow import FlowData
 from .flow import sample as flow_sample
+from .errors import RuntimeModelError
 from .lower import LoweredModel, check_simulations
 from .nn import TokenTransformer, TokenVectorField
 from .tokens import TokenLayout, Tokens, TokenSplit, target_mask
@@ -435,6 +436,7 @@ class Trained:
     stages: dict[str, StageLog]
     seconds: dict[str, float]
     simulations: Optional[Values] = None  # kept in memory for sequential rounds; never saved
+    truncation: Optional["Truncation"] = None  # the last sequential round's proposal region, if any
 
 
 def _fit(network, data, key, config: TrainConfig, log: StageLog, on_epoch, *, validation_data=None,
@@ -544,15 +546,21 @@ def surrogate_stage(lowered: LoweredModel, sims: Values, normaliser: Normaliser,
 
 def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normaliser: Normaliser,
                     network: TokenTransformer, key_pool: PRNGKeyArray, key: PRNGKeyArray, strategy: LF, budget: int,
-                    max_sites: int, log: StageLog, seconds: dict, progress) -> TokenTransformer:
+                    max_sites: int, log: StageLog, seconds: dict, progress,
+                    truncation: Optional["Truncation"] = None) -> TokenTransformer:
     """Assemble synthetic multi-site data sets from the prior and the surrogate (no simulator
-    calls), then train the posterior network on random site subsets of them."""
+    calls), then train the posterior network on random site subsets of them. With `truncation`
+    (a sequential round), their globals come from the prior truncated to its box."""
     layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
     split1 = surrogate_split(layout1, lowered)
     start = time.perf_counter()
     num_synthetic = strategy.num_synthetic or _default_pool(budget, max_sites, layout1.tokens_per_site)
+    globals = None
+    if truncation is not None:
+        key_pool, k_globals = jr.split(key_pool)
+        globals, _, _ = sample_truncated(lowered, k_globals, num_synthetic, truncation, with_site=False)
     pool = synthetic_pool(lowered, surrogate, split1, normaliser, key_pool, num_synthetic, max_sites,
-                          strategy.sampler, progress=progress.bar("synthesise", num_synthetic))
+                          strategy.sampler, globals=globals, progress=progress.bar("synthesise", num_synthetic))
     seconds["synthesise"] = seconds.get("synthesise", 0.0) + time.perf_counter() - start
 
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
@@ -590,23 +598,153 @@ def simulate_sites_at(lowered: LoweredModel, key: PRNGKeyArray, globals: Values,
     return sims
 
 
-def refine_lf(lowered: LoweredModel, trained: Trained, proposal: tuple[Values, Values], budget: int,
-              key: PRNGKeyArray, strategy: LF, progress=None) -> Trained:
-    """One sequential round: `budget` more single-site simulations at parameters drawn from a
-    proposal (the current posterior for the observed data), then the surrogate and the posterior
-    are trained further, warm-started from the previous round.
+# ----------------------------------------------------------------------------- sequential rounds
 
-    The surrogate models the likelihood q(y | parameters), which does not depend on where its
-    training parameters were drawn, so proposal simulations need no importance weights; the
-    synthetic data sets are still drawn from the prior, so the posterior network stays the posterior
-    under the model's prior, now with a surrogate that is most accurate where the data point.
+TRUNCATION_QUANTILE = 1e-3  # the box spans these quantiles of the posterior draws …
+TRUNCATION_WIDEN = 0.25     # … widened on each side by this share of its width
+MAX_TRUNCATION_CANDIDATES = 2 ** 24
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """The proposal of a sequential round: the prior restricted to a box around the current
+    posterior's high-probability region (TSNPE's truncated prior, Deistler et al. 2022, with a
+    per-coordinate box standing in for the highest-probability region).
+
+    The box is in unconstrained coordinates (where the networks work): per global, and per local
+    pooled over the observed sites; `lower` and `upper` map names to arrays of the parameter's
+    unconstrained shape (per site for locals). `acceptance` is the share of prior draws that fell
+    inside it when it was last sampled (for the run's report).
+    """
+
+    lower: Mapping[str, np.ndarray]
+    upper: Mapping[str, np.ndarray]
+    acceptance: Optional[float] = None
+
+    @staticmethod
+    def from_draws(lowered: LoweredModel, z: Mapping[str, np.ndarray], num_sites: int,
+                   quantile: float = TRUNCATION_QUANTILE, widen: float = TRUNCATION_WIDEN) -> "Truncation":
+        """The box around unconstrained posterior draws: globals `(num, *shape)`, locals
+        `(num, sites, *shape)` (the first `num_sites` sites are the observed ones)."""
+        lower, upper = {}, {}
+        for v in (*lowered.ir.globals, *lowered.ir.locals):
+            a = np.asarray(z[v.name], np.float64)
+            if v.per_site:
+                a = a[:, :num_sites].reshape(-1, *a.shape[2:])
+            lo, hi = np.quantile(a, [quantile, 1.0 - quantile], axis=0)
+            pad = widen * (hi - lo)
+            lower[v.name] = (lo - pad).astype(np.float32)
+            upper[v.name] = (hi + pad).astype(np.float32)
+        return Truncation(lower, upper)
+
+    def contains(self, z: Mapping[str, Array], names) -> Array:
+        """Whether unconstrained values of one draw (locals of one site, no site axis) lie in the
+        box, for the parameters `names`."""
+        inside = jnp.asarray(True)
+        for name in names:
+            inside &= jnp.all((z[name] >= self.lower[name]) & (z[name] <= self.upper[name]))
+        return inside
+
+    def to_json(self) -> dict:
+        return {"lower": {k: np.asarray(v).tolist() for k, v in self.lower.items()},
+                "upper": {k: np.asarray(v).tolist() for k, v in self.upper.items()},
+                "acceptance": self.acceptance}
+
+    @staticmethod
+    def from_json(data: dict) -> "Truncation":
+        return Truncation({k: np.asarray(v, np.float32) for k, v in data["lower"].items()},
+                          {k: np.asarray(v, np.float32) for k, v in data["upper"].items()},
+                          data.get("acceptance"))
+
+
+def sample_truncated(lowered: LoweredModel, key: PRNGKeyArray, num: int, truncation: Truncation, *,
+                     site_inputs: Optional[Mapping[str, np.ndarray]] = None, with_site: bool = True,
+                     batch: int = 8192, max_candidates: int = MAX_TRUNCATION_CANDIDATES
+                     ) -> tuple[Values, Values, float]:
+    """`num` draws from the truncated prior, by rejection from the prior.
+
+    Each candidate draws the globals and one site's locals from the prior (the site's stochastic
+    inputs picked at random from `site_inputs`, the observed sites' inputs, when given) and is kept
+    when its globals — and, with `with_site`, its locals — lie in the box. Returns the globals
+    `(num, *shape)`, the site parameters (locals and stochastic inputs, `(num, *shape)`) and the
+    share of candidates accepted. Raises `RuntimeModelError` when fewer than one in
+    `max_candidates / num` prior draws lands in the box.
+    """
+    ir = lowered.ir
+    global_names = [v.name for v in ir.globals]
+    local_names = [v.name for v in ir.locals]
+    input_names = [v.name for v in ir.inputs if v.stochastic]
+    checked = global_names + (local_names if with_site else [])
+    inputs = {name: jnp.asarray(site_inputs[name], jnp.float32) for name in input_names} if site_inputs else {}
+    num_observed = next(iter(inputs.values())).shape[0] if inputs else 0
+    box = Truncation({k: jnp.asarray(v) for k, v in truncation.lower.items()},
+                     {k: jnp.asarray(v) for k, v in truncation.upper.items()})
+
+    @jax.jit
+    def candidates(k):
+        def one(k):
+            kg, ks, ki = jr.split(k, 3)
+            g = lowered.sample_globals(kg)
+            given = None
+            if inputs:
+                i = jr.randint(ki, (), 0, num_observed)
+                given = {name: value[i] for name, value in inputs.items()}
+            s = lowered.sample_site_params(ks, g, given)
+            params = {**{n: g[n] for n in global_names},
+                      **{n: s[n][None] for n in (*local_names, *lowered.prior_inputs)}}
+            z = lowered.to_unconstrained(params)
+            z = {n: (z[n][0] if n in local_names else z[n]) for n in checked}
+            site = {n: s[n] for n in (*local_names, *input_names)}
+            return {n: g[n] for n in global_names}, site, box.contains(z, checked)
+        return jax.vmap(one)(jr.split(k, batch))
+
+    kept: list = []
+    count = tried = 0
+    while count < num:
+        if tried >= max_candidates:
+            raise RuntimeModelError(
+                f"the sequential round's proposal accepted {count} of {tried} prior draws (it needs {num}): the "
+                "posterior region is too small a part of the prior to reach by rejection; use fewer rounds, "
+                "or a prior closer to the data")
+        key, k = jr.split(key)
+        g, s, inside = candidates(k)
+        inside = np.asarray(inside)
+        tried += batch
+        if inside.any():
+            kept.append(jax.tree.map(lambda a: np.asarray(a)[inside], (g, s)))
+            count += int(inside.sum())
+    g = {n: np.concatenate([part[0][n] for part in kept])[:num] for n in global_names}
+    s = {n: np.concatenate([part[1][n] for part in kept])[:num] for n in (*local_names, *input_names)}
+    return g, s, count / tried
+
+
+def refine_lf(lowered: LoweredModel, trained: Trained, truncation: Truncation, budget: int, key: PRNGKeyArray,
+              strategy: LF, progress=None, *, site_inputs: Optional[Mapping[str, np.ndarray]] = None) -> Trained:
+    """One sequential round (TSNPE-style): `budget` more single-site simulations drawn from the
+    prior truncated to `truncation` (the current posterior's region for the observed data), then
+    the surrogate and the posterior are trained further, warm-started from the previous round.
+
+    Why no importance weights are needed:
+    - the surrogate models the likelihood q(y | parameters), which does not depend on where its
+      training parameters were drawn; it trains on every round's simulations together;
+    - the posterior network trains on fresh synthetic data sets whose globals come from the
+      truncated prior p(g) 1[g in box] / Z (the sites' locals and inputs from the prior given g).
+      The importance weight back to the prior, p(g) / (p(g) 1[g in box] / Z) = Z, is constant
+      inside the box, so the network targets the posterior under the model's prior there; it is
+      meant for data whose posterior lies inside the box — the data this round focuses on.
+
+    `site_inputs` are the observed sites' stochastic inputs; each simulation takes one site's at
+    random (the sites' inputs are data, not parameters).
     """
     progress = progress or _NoProgress()
     counter = SimulationCounter(trained.simulator_calls)
     seconds = dict(trained.seconds)
-    k_sim, k_deq, k_train_s, k_pool, k_train_p = jr.split(key, 5)
+    k_prop, k_sim, k_deq, k_train_s, k_pool, k_train_p = jr.split(key, 6)
     start = time.perf_counter()
-    globals, site_params = proposal
+    globals, site_params, acceptance = sample_truncated(lowered, k_prop, budget, truncation, site_inputs=site_inputs)
+    truncation = dataclasses.replace(truncation, acceptance=acceptance)
+    progress.message(f"proposal: the prior truncated to the posterior's region ({100 * acceptance:.3g}% of prior "
+                     "draws fall inside it)")
     new = simulate_sites_at(lowered, k_sim, globals, site_params, counter)
     seconds["simulate"] = seconds.get("simulate", 0.0) + time.perf_counter() - start
     sims = {name: np.concatenate([trained.simulations[name], new[name]]) for name in new}
@@ -615,12 +753,14 @@ def refine_lf(lowered: LoweredModel, trained: Trained, proposal: tuple[Values, V
                                 stages["surrogate"], progress)
     seconds["surrogate"] = seconds.get("surrogate", 0.0) + stages["surrogate"].seconds
     posterior = posterior_stage(lowered, surrogate, trained.normaliser, trained.posterior, k_pool, k_train_p,
-                                strategy, counter.calls, trained.max_sites, stages["posterior"], seconds, progress)
+                                strategy, counter.calls, trained.max_sites, stages["posterior"], seconds, progress,
+                                truncation=truncation)
     for name, log in stages.items():
         old = trained.stages[name]
         stages[name] = StageLog(old.train_loss + log.train_loss, old.val_loss + log.val_loss,
                                 len(old.train_loss) + log.best_epoch, old.seconds + log.seconds)
-    return Trained(trained.normaliser, posterior, surrogate, trained.max_sites, counter.calls, stages, seconds, sims)
+    return Trained(trained.normaliser, posterior, surrogate, trained.max_sites, counter.calls, stages, seconds, sims,
+                   truncation)
 
 
 def _default_pool(budget: int, max_sites: int, tokens_per_site: int) -> int:
@@ -631,17 +771,23 @@ def _default_pool(budget: int, max_sites: int, tokens_per_site: int) -> int:
 
 def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: TokenSplit, normaliser: Normaliser,
                    key: PRNGKeyArray, num: int, max_sites: int, sampler: SamplerConfig,
-                   *, chunk_sites: int = 8192, progress=None) -> Tokens:
-    """`num` synthetic data sets of `max_sites` sites (normalised posterior tokens)."""
+                   *, globals: Optional[Values] = None, chunk_sites: int = 8192, progress=None) -> Tokens:
+    """`num` synthetic data sets of `max_sites` sites (normalised posterior tokens).
+
+    The globals are drawn from the prior, or taken from `globals` (arrays with a leading axis of
+    `num`: a sequential round's truncated prior); the sites' inputs and locals always come from
+    the prior given the globals, their observations from the surrogate.
+    """
     layout1 = split1.layout
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
     per_chunk = max(1, chunk_sites // max_sites)
+    given_globals = globals is not None
 
     @jax.jit
-    def make(keys):
-        def one(k):
+    def make(keys, gs):
+        def one(k, given):
             kg, ks, kq = jr.split(k, 3)
-            g = lowered.sample_globals(kg)
+            g = lowered.sample_globals(kg, given if given_globals else None)
             sites = jax.vmap(lambda kk: lowered.sample_site_params(kk, g))(jr.split(ks, max_sites))
             values = {**g, **sites}
             values.update({v.name: jnp.zeros((max_sites, *v.shape), jnp.float32) for v in lowered.ir.observations})
@@ -656,15 +802,18 @@ def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: T
             # Coordinates come from the inputs, already in `flow`; only the observations are new.
             tokens = layout.encode({n: flow[n] for n in flow if n in set(layout.labels)}, max_sites)
             return normaliser.forward(dataclasses.replace(tokens, site_values=site_tokens))
-        return jax.vmap(one)(keys)
+        return jax.vmap(one)(keys, gs)
 
     keys = jr.split(key, num)
+    gs = ({name: jnp.asarray(value, jnp.float32) for name, value in globals.items()} if given_globals
+          else jnp.zeros((num,)))
     parts = []
     for start, n in _chunks(num, per_chunk):
-        chunk_keys = keys[start:start + n]
+        chunk_keys, chunk_gs = keys[start:start + n], jax.tree.map(lambda a: a[start:start + n], gs)
         if n < per_chunk:
             chunk_keys = jnp.concatenate([chunk_keys, keys[:per_chunk - n]])
-        parts.append(jax.tree.map(lambda a: a[:n], make(chunk_keys)))
+            chunk_gs = jax.tree.map(lambda a, c: jnp.concatenate([c, a[:per_chunk - n]]), gs, chunk_gs)
+        parts.append(jax.tree.map(lambda a: a[:n], make(chunk_keys, chunk_gs)))
         if progress:
             progress(start + n, num)
     return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)

@@ -210,18 +210,6 @@ def test_interrupted_train_resumes_without_new_simulations(tmp_path, monkeypatch
     assert not os.path.exists(out + ".partial")
 
 
-def test_sequential_rounds_simulate_single_sites_only():
-    counter = CallCounter()
-    model = hierdsl.compile(COUNTED, functions={"shift": counter})
-    data = {"x": np.array([0.5, -0.2, 1.0, 0.1])}
-    estimator = hierdsl.fit(model, budget=160, key=jax.random.key(5), strategy=TINY_LF, rounds=2, data=data)
-    # 80 prior simulations, then 80 at posterior draws: one single-site call each, 160 in all.
-    assert counter.calls == 160 and estimator.simulator_calls == 160
-    assert estimator.trained.simulations["x"].shape == (160, 1)
-    draws = estimator.condition(data).sample(20, key=jax.random.key(0))
-    assert np.all(np.isfinite(draws["mu"]))
-
-
 def test_simplex_parameters_are_refused_clearly():
     model = hierdsl.compile("""
 model M(n::Int = 2)

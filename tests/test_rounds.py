@@ -1,0 +1,172 @@
+"""Sequential rounds: the truncated prior (TSNPE-style proposal), its box, and rounds end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+import hierdsl
+from hierdsl.checkpoint import load
+from hierdsl.inference import lower
+from hierdsl.runtime import lf
+from hierdsl.runtime.errors import RuntimeModelError
+from hierdsl.runtime.tokens import TokenLayout
+
+TRUNCATED = """
+extern host function shift(u::Real)::Real
+
+model Truncated(n::Int = 3)
+    m ~ Normal(1.0, 2.0)
+    s ~ LogNormal(0.0, 0.5)
+    sites i in 1:n
+        input se ~ Uniform(1.0, 2.0)
+        u ~ Normal(m, s)
+        observe x ~ Normal(shift(u), se)
+    end
+end
+"""
+
+TINY_NET = lf.NetworkConfig(width=32, depth=1, num_heads=2)
+TINY_TRAIN = lf.TrainConfig(batch_size=64, max_epochs=4, patience=4, steps_per_epoch=10)
+TINY_LF = lf.LF(surrogate=TINY_NET, posterior=TINY_NET, surrogate_training=TINY_TRAIN,
+                posterior_training=TINY_TRAIN, num_synthetic=64, sampler=lf.SamplerConfig(num_steps=4))
+
+
+class CallCounter:
+    """A host function that counts how often the simulator calls it (once per simulated site)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, u):
+        self.calls += int(np.size(u))
+        return np.asarray(u, dtype=np.float32)
+
+
+DATA = {"x": np.array([0.4, 0.9, 1.3]), "se": np.array([1.2, 1.5, 1.8])}
+
+
+@pytest.fixture(scope="module")
+def lowered():
+    return lower(hierdsl.compile(TRUNCATED, functions={"shift": CallCounter()}))
+
+
+@pytest.fixture(scope="module")
+def rounds():
+    counter = CallCounter()
+    model = hierdsl.compile(TRUNCATED, functions={"shift": counter})
+    est = hierdsl.fit(model, budget=200, key=jax.random.key(7), strategy=TINY_LF, rounds=2, data=DATA)
+    return model, est, counter
+
+
+def box(m=(-np.inf, np.inf), s=(-np.inf, np.inf), u=(-np.inf, np.inf)):
+    """A truncation box in unconstrained coordinates (s is on the log scale there)."""
+    f = lambda v: np.float32(v)
+    return lf.Truncation({"m": f(m[0]), "s": f(s[0]), "u": f(u[0])}, {"m": f(m[1]), "s": f(s[1]), "u": f(u[1])})
+
+
+def test_truncated_globals_follow_the_prior_restricted_to_the_box(lowered):
+    g, site, acceptance = lf.sample_truncated(lowered, jax.random.key(0), 20000, box(m=(0.0, 2.0)), with_site=False)
+    m = g["m"]
+    assert m.shape == (20000,) and np.all((m >= 0.0) & (m <= 2.0))
+    exact = stats.truncnorm(-0.5, 0.5, loc=1.0, scale=2.0)
+    # Mean and sd of the truncated normal (sd/sqrt(n) ≈ 0.004), and the prior mass of the box.
+    assert abs(m.mean() - exact.mean()) < 0.02
+    assert abs(m.std() - exact.std()) < 0.02
+    assert abs(acceptance - (stats.norm.cdf(0.5) - stats.norm.cdf(-0.5))) < 0.02
+    # The other global is untouched by the box: its prior, LogNormal(0, 0.5).
+    assert abs(np.log(g["s"]).std() - 0.5) < 0.02
+
+
+def test_truncated_sites_lie_in_the_box_and_take_observed_inputs(lowered):
+    observed_se = np.array([1.25, 1.5, 1.75], np.float32)
+    g, site, acceptance = lf.sample_truncated(
+        lowered, jax.random.key(1), 3000, box(m=(0.0, 2.0), s=(-0.5, 0.5), u=(-1.0, 1.0)),
+        site_inputs={"se": observed_se})
+    assert set(site) == {"u", "se"}
+    assert np.all((g["m"] >= 0) & (g["m"] <= 2) & (np.abs(np.log(g["s"])) <= 0.5) & (np.abs(site["u"]) <= 1))
+    assert set(np.unique(site["se"])) == set(observed_se.tolist())
+    # The locals' box makes fewer draws acceptable than the globals' box alone (0.383 · 0.683 ≈ 0.26).
+    assert 0.05 < acceptance < 0.26
+
+
+def test_truncation_that_no_prior_draw_reaches_is_a_clear_error(lowered):
+    with pytest.raises(RuntimeModelError, match="accepted 0 of .* prior draws"):
+        lf.sample_truncated(lowered, jax.random.key(2), 10, box(m=(50.0, 50.001)), batch=1024, max_candidates=4096)
+
+
+def test_box_spans_the_draws_quantiles_widened_and_pools_only_observed_sites(lowered):
+    rng = np.random.default_rng(0)
+    z = {"m": rng.normal(0.0, 1.0, 100_000), "s": rng.normal(0.0, 0.1, 100_000),
+         "u": np.concatenate([rng.uniform(-1, 1, (100_000, 2)), np.full((100_000, 1), 99.0)], axis=1)}
+    t = lf.Truncation.from_draws(lowered, z, num_sites=2, quantile=0.01, widen=0.25)
+    q = stats.norm.ppf(0.99)
+    assert t.lower["m"] == pytest.approx(-1.5 * q, abs=0.03) and t.upper["m"] == pytest.approx(1.5 * q, abs=0.03)
+    # The padded third site (99) is not one of the data's sites: it does not stretch the box.
+    assert t.lower["u"] == pytest.approx(-0.98 - 0.25 * 1.96, abs=0.01)
+    assert t.upper["u"] == pytest.approx(0.98 + 0.25 * 1.96, abs=0.01)
+    back = lf.Truncation.from_json(t.to_json())
+    for name in ("m", "s", "u"):
+        assert np.allclose(back.lower[name], t.lower[name]) and np.allclose(back.upper[name], t.upper[name])
+
+
+def test_synthetic_pool_uses_the_given_globals(lowered):
+    """A round's synthetic data sets take their globals from the truncated prior, not the prior."""
+    layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
+    split1 = lf.surrogate_split(layout1, lowered)
+    sims = lf.simulate_single_sites(lowered, jax.random.key(3), 64, lf.SimulationCounter())
+    normaliser = lf.Normaliser.fit(lf.encode_batch(layout1, lf.flow_values_batch(lowered, sims, jax.random.key(4)), 1))
+    surrogate = TINY_NET.build(layout1, jax.random.key(5))
+    globals = {"m": np.full(6, 7.5, np.float32), "s": np.exp(np.linspace(-1, 1, 6)).astype(np.float32)}
+    pool = lf.synthetic_pool(lowered, surrogate, split1, normaliser, jax.random.key(6), 6, 3,
+                             lf.SamplerConfig(num_steps=2), globals=globals)
+    layout = TokenLayout.from_ir(lowered.ir, max_sites=3)
+    decoded = jax.vmap(lambda t: layout.decode(t, 3))(normaliser.inverse(pool))  # flow space: log s
+    assert np.allclose(decoded["m"], 7.5, atol=1e-4)
+    assert np.allclose(decoded["s"], np.linspace(-1, 1, 6), atol=1e-4)
+
+
+def test_rounds_draw_from_the_truncated_prior_and_the_file_keeps_the_region(rounds, tmp_path):
+    model, est, counter = rounds
+    # 100 prior simulations, then 100 from the truncated prior: one single-site call each.
+    assert counter.calls == 200 and est.simulator_calls == 200
+    box_ = est.trained.truncation
+    assert box_ is not None and 0 < box_.acceptance <= 1
+    # The second round's simulations lie in the box (globals and the site's local, unconstrained).
+    sims = est.trained.simulations
+    second = slice(100, 200)
+    assert np.all((sims["m"][second] >= box_.lower["m"]) & (sims["m"][second] <= box_.upper["m"]))
+    log_s = np.log(sims["s"][second])
+    assert np.all((log_s >= box_.lower["s"] - 1e-5) & (log_s <= box_.upper["s"] + 1e-5))
+    u = sims["u"][second, 0]
+    assert np.all((u >= box_.lower["u"]) & (u <= box_.upper["u"]))
+    # ... with the observed sites' inputs; the first round's come from the prior.
+    assert set(np.round(sims["se"][second, 0], 5)) <= set(np.round(DATA["se"], 5).astype(np.float32))
+    assert len(set(np.round(sims["se"][:100, 0], 5))) > 50
+    draws = est.condition(DATA).sample(20, key=jax.random.key(0))
+    assert np.all(np.isfinite(draws["m"])) and draws["u"].shape == (20, 3)
+    path = str(tmp_path / "rounds.hsbe")
+    est.save(path)
+    back = load(path, model)
+    assert np.allclose(back.trained.truncation.lower["m"], box_.lower["m"])
+    assert back.trained.truncation.acceptance == pytest.approx(box_.acceptance)
+
+
+def test_a_rounds_estimator_warns_for_data_outside_its_region(rounds):
+    _, est, _ = rounds
+    focused = est.trained
+    try:
+        est.trained = dataclasses.replace(focused, truncation=box(m=(-1e3, 1e3), s=(-1e3, 1e3), u=(-1e3, 1e3)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every draw inside the region: no warning
+            est.condition(DATA).sample(50, key=jax.random.key(0))
+        est.trained = dataclasses.replace(focused, truncation=box(m=(100.0, 101.0), s=(-1e3, 1e3), u=(-1e3, 1e3)))
+        with pytest.warns(UserWarning, match="outside the region this estimator's sequential rounds trained for"):
+            est.condition(DATA).sample(50, key=jax.random.key(0))
+    finally:
+        est.trained = focused
