@@ -258,7 +258,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="lf: likelihood factorisation (default); direct: full multi-site simulations")
     p.add_argument("--max-sites", type=int, default=None, help="largest site count served (default: the model's)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="most training epochs per network (default 200 surrogate, early-stopped; 40 posterior, cosine-annealed)")
+                   help="most training epochs per network (default 200 surrogate, early-stopped; 80 posterior, cosine-annealed)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

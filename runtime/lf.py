@@ -94,7 +94,9 @@ class TrainConfig:
 # The posterior network's steps cost the most (many sites per example): a fixed budget of steps on
 # fresh site subsets with a cosine-annealed rate reaches a lower loss in fewer steps than a
 # constant rate stopped early (measured on Eight Schools and Gaussian Linear; see issue notes).
-POSTERIOR_TRAINING = TrainConfig(max_epochs=40, patience=40, schedule="cosine")
+# 80 epochs, not 40: on Eight Schools 40 left the school effects shrunk by 1.5 on average (mean
+# error against NUTS 1.52), 80 cut that to 0.63 for about 2.5 more minutes on a 2-core CPU.
+POSTERIOR_TRAINING = TrainConfig(max_epochs=80, patience=80, schedule="cosine")
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def test_two_moons_draws_lie_on_the_crescent():
     assert 0.007 < radius.std() < 0.013
 
 
-@pytest.mark.slow
+@pytest.mark.validation
 def test_two_moons_sbc():
     rng = np.random.default_rng(6)
     truths, samples = [], []
@@ -291,7 +291,7 @@ def test_sir_grid_resolution():
     assert grid.log_post[[0, -1]].max() < grid.log_post.max() - 20  # no mass at the window ends
 
 
-@pytest.mark.slow
+@pytest.mark.validation
 def test_sir_sbc():
     rng = np.random.default_rng(11)
     truths, samples = [], []
