@@ -224,7 +224,9 @@ class Posterior:
         """The region a sequential round draws from: a box, in unconstrained coordinates, around
         `num` draws of this posterior (per global, and per local pooled over the sites; see
         `lf.Truncation`)."""
-        draws = self.sample(num, key=key)
+        with warnings.catch_warnings():  # a later round's region may move past the last one's: expected
+            warnings.simplefilter("ignore", UserWarning)
+            draws = self.sample(num, key=key)
         return lf.Truncation.from_draws(self.estimator.lowered, self.unconstrained(draws), self.num_sites)
 
     def unconstrained(self, samples: Mapping[str, Any]) -> dict[str, np.ndarray]:
