@@ -170,3 +170,34 @@ def test_a_rounds_estimator_warns_for_data_outside_its_region(rounds):
             est.condition(DATA).sample(50, key=jax.random.key(0))
     finally:
         est.trained = focused
+
+
+def test_cli_infer_with_rounds(tmp_path):
+    import contextlib
+    import io
+    import json
+    import os
+
+    from hierdsl.cli import main
+
+    model_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                              "gaussian_linear.hsbi")
+    data = tmp_path / "d.csv"
+    data.write_text("site,variable,index,value\nA,x,,0.5\nB,x,,-0.3\nC,x,,1.1\n")
+    run = str(tmp_path / "run")
+    base = ["infer", model_file, "--arg", "n_sites=3", "--data", str(data), "--budget", "120", "--epochs", "2",
+            "--num-samples", "50", "--no-plots", "-o", run]
+    for bad, message in ((["--rounds", "0"], "--rounds must be at least 1"),
+                         (["--rounds", "2", "--method", "direct"], "--rounds needs --method lf")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert main(base + bad) == 1
+        assert message in err.getvalue() and "Traceback" not in err.getvalue()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(base + ["--rounds", "2"]) == 0
+    assert "round 2/2: 60 single-site simulations from the prior truncated" in err.getvalue()
+    assert "of prior draws fall inside it" in err.getvalue()
+    manifest = json.loads(open(os.path.join(run, "manifest.json")).read())
+    assert manifest["rounds"] == 2 and manifest["simulator_calls"] == 120
+    assert 0 < manifest["truncation"]["acceptance"] <= 1 and set(manifest["truncation"]["lower"]) == {"sigma", "mu"}
