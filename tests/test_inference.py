@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import hierdsl
+from counting import CallCounter
 from hierdsl.checkpoint import CheckpointError, load
 from hierdsl.cli import main
 from hierdsl.reference import posterior_mean_sigma
@@ -38,17 +39,6 @@ model Counted(n_sites::Int = 4)
     end
 end
 """
-
-
-class CallCounter:
-    """A host function that counts how often the simulator calls it (once per simulated site)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, mu):
-        self.calls += int(np.size(mu))
-        return np.asarray(mu, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")

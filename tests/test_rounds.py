@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 import hierdsl
+from counting import CallCounter
 from hierdsl.checkpoint import load
 from hierdsl.inference import lower
 from hierdsl.runtime import lf
@@ -35,17 +36,6 @@ TINY_NET = lf.NetworkConfig(width=32, depth=1, num_heads=2)
 TINY_TRAIN = lf.TrainConfig(batch_size=64, max_epochs=4, patience=4, steps_per_epoch=10)
 TINY_LF = lf.LF(surrogate=TINY_NET, posterior=TINY_NET, surrogate_training=TINY_TRAIN,
                 posterior_training=TINY_TRAIN, num_synthetic=64, sampler=lf.SamplerConfig(num_steps=4))
-
-
-class CallCounter:
-    """A host function that counts how often the simulator calls it (once per simulated site)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, u):
-        self.calls += int(np.size(u))
-        return np.asarray(u, dtype=np.float32)
 
 
 DATA = {"x": np.array([0.4, 0.9, 1.3]), "se": np.array([1.2, 1.5, 1.8])}
