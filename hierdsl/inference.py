@@ -36,7 +36,8 @@ REGION_WARNING = 0.05  # warn when more posterior draws than this leave a rounds
 
 
 def lower(model: Model) -> LoweredModel:
-    return LoweredModel(model.ir, dict(model.functions))
+    """The model's lowered form, built once per model (with its cache of compiled functions)."""
+    return model.lowered()
 
 
 def fit(model: Model, *, budget: int, key, strategy: Optional[Strategy] = None, max_sites: Optional[int] = None,
@@ -107,7 +108,6 @@ class Estimator:
         self.lowered = lower(model)
         self.layout = TokenLayout.from_ir(model.ir, max_sites=trained.max_sites)
         self.split = lf.posterior_split(self.layout, self.lowered)
-        self._compiled: dict = {}  # jitted samplers and log densities, built once per estimator
 
     @property
     def max_sites(self) -> int:
@@ -282,8 +282,10 @@ def _site_values(lowered: LoweredModel, data: Dataset, max_sites: int) -> dict[s
 
 
 def _sampler(est: Estimator, sampler: lf.SamplerConfig):
-    if sampler not in est._compiled:
-        lowered, split, layout = est.lowered, est.split, est.layout
+    lowered, split, layout = est.lowered, est.split, est.layout
+
+    def build():
+        # The network is an argument: every estimator of this model with the same layout shares it.
         options = sampler.options()
 
         @eqx.filter_jit
@@ -299,27 +301,30 @@ def _sampler(est: Estimator, sampler: lf.SamplerConfig):
 
             return jax.vmap(decode)(x)
 
-        est._compiled[sampler] = sample
-    return est._compiled[sampler]
+        return sample
+
+    return lowered.compiled_once(("sample", split, sampler), build)
 
 
 def _unconstrained_fn(est: Estimator):
-    if "unconstrained" not in est._compiled:
-        lowered = est.lowered
+    lowered = est.lowered
 
+    def build():
         @jax.jit
         def unconstrained(params, site_values):
             prior_inputs = {n: site_values[n] for n in lowered.prior_inputs}
             z = jax.vmap(lambda p: lowered.to_unconstrained({**p, **prior_inputs}))(params)
             return {name: z[name] for name in params}
 
-        est._compiled["unconstrained"] = unconstrained
-    return est._compiled["unconstrained"]
+        return unconstrained
+
+    return lowered.compiled_once("unconstrained", build)
 
 
 def _log_prob_fn(est: Estimator, sampler: lf.SamplerConfig):
-    if ("log_prob", sampler) not in est._compiled:
-        lowered, split, layout = est.lowered, est.split, est.layout
+    lowered, split, layout = est.lowered, est.split, est.layout
+
+    def build():
         divergence = lf.log_prob_divergence(int(split.num_targets))
         options = sampler.options()
 
@@ -341,6 +346,7 @@ def _log_prob_fn(est: Estimator, sampler: lf.SamplerConfig):
             keys = jr.split(key, jax.tree.leaves(params)[0].shape[0])
             return jax.vmap(one)(params, keys)
 
-        est._compiled[("log_prob", sampler)] = log_prob
-    return est._compiled[("log_prob", sampler)]
+        return log_prob
+
+    return lowered.compiled_once(("log_prob", split, sampler), build)
 

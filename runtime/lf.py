@@ -19,6 +19,7 @@ samples them); then every token is standardised by a per-token mean and scale (`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
@@ -82,13 +83,21 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
 
     def optimiser(self, steps_per_epoch: Optional[int] = None):
-        warmup = min(100, 2 * self.steps_per_epoch)
-        if self.schedule == "cosine" and steps_per_epoch:
-            # A fixed step budget that anneals: early stopping only guards against over-fitting.
-            return default_optimiser(self.learning_rate, warmup_steps=warmup,
-                                     total_steps=max(warmup + 1, self.max_epochs * steps_per_epoch))
-        # Constant rate after a short warm-up: early stopping decides the length.
-        return default_optimiser(self.learning_rate, warmup_steps=warmup)
+        # The same object for the same settings: the compiled epoch holds the optimiser as a static
+        # argument, so a new one would re-compile every stage and round that trains this way.
+        return _optimiser(self, steps_per_epoch)
+
+
+@functools.cache
+def _optimiser(config: TrainConfig, steps_per_epoch: Optional[int]):
+    """`TrainConfig.optimiser`, built once per settings."""
+    warmup = min(100, 2 * config.steps_per_epoch)
+    if config.schedule == "cosine" and steps_per_epoch:
+        # A fixed step budget that anneals: early stopping only guards against over-fitting.
+        return default_optimiser(config.learning_rate, warmup_steps=warmup,
+                                 total_steps=max(warmup + 1, config.max_epochs * steps_per_epoch))
+    # Constant rate after a short warm-up: early stopping decides the length.
+    return default_optimiser(config.learning_rate, warmup_steps=warmup)
 
 
 # The posterior network's steps cost the most (many sites per example): a fixed budget of steps on
@@ -266,15 +275,15 @@ def simulate_single_sites(lowered: LoweredModel, key: PRNGKeyArray, num: int, co
     """
     size = min(chunk, num)
 
-    @jax.jit
-    def batch(keys):
+    def build():
         def one(k):
             kg, ks = jr.split(k)
             g = lowered.sample_globals(kg)
             s = lowered.sample_site(ks, g)
             return {**g, **{name: value[None] for name, value in s.items()}}
-        return jax.vmap(one)(keys)
+        return jax.jit(jax.vmap(one))
 
+    batch = lowered.compiled_once("single_sites", build)
     keys = jr.split(key, num)
     parts = []
     # No padding of the last chunk: every simulation run is one the budget pays for (a shorter last
@@ -293,7 +302,8 @@ def simulate_full(lowered: LoweredModel, key: PRNGKeyArray, num: int, num_sites:
                   *, progress: Optional[Callable[[int, int], None]] = None) -> Values:
     """`num` full simulations of `num_sites` sites each (`num * num_sites` simulator calls)."""
     size = max(1, min(num, 8192 // max(1, num_sites)))
-    batch = jax.jit(jax.vmap(lambda k: lowered.simulate(k, num_sites)))
+    batch = lowered.compiled_once(("full", num_sites),
+                                  lambda: jax.jit(jax.vmap(lambda k: lowered.simulate(k, num_sites))))
     keys = jr.split(key, num)
     parts = []
     for start, n in _chunks(num, size):
@@ -324,7 +334,8 @@ def encode_batch(layout: TokenLayout, flow_values: Values, num_sites: int) -> To
 
 def flow_values_batch(lowered: LoweredModel, sims: Values, key: PRNGKeyArray, dequantise: bool = True) -> Values:
     """Model values with a leading batch axis → flow space (integer observations dequantised)."""
-    out = jax.jit(jax.vmap(lambda v: to_flow_values(lowered, v)))(
+    to_flow = lowered.compiled_once("flow_values", lambda: jax.jit(jax.vmap(lambda v: to_flow_values(lowered, v))))
+    out = to_flow(
         {k: jnp.asarray(v) for k, v in sims.items() if k in _token_names(lowered) or k in lowered.prior_inputs})
     if dequantise:
         for name in integer_observations(lowered):
@@ -586,14 +597,14 @@ def simulate_sites_at(lowered: LoweredModel, key: PRNGKeyArray, globals: Values,
     """Single-site simulations at given parameters (leading axis: simulations): one call each."""
     num = jax.tree.leaves(globals)[0].shape[0]
 
-    @jax.jit
-    def batch(keys, g, p):
+    def build():
         def one(k, gi, pi):
             sim = lowered.simulate_site(k, gi, pi)
             site = {**pi, **sim}
             return {**gi, **{name: value[None] for name, value in site.items()}}
-        return jax.vmap(one)(keys, g, p)
+        return jax.jit(jax.vmap(one))
 
+    batch = lowered.compiled_once("sites_at", build)
     sims = jax.tree.map(np.asarray, batch(jr.split(key, num), globals, site_params))
     counter.calls += num
     _check(lowered, sims)
@@ -678,27 +689,36 @@ def sample_truncated(lowered: LoweredModel, key: PRNGKeyArray, num: int, truncat
     input_names = [v.name for v in ir.inputs if v.stochastic]
     checked = global_names + (local_names if with_site else [])
     inputs = {name: jnp.asarray(site_inputs[name], jnp.float32) for name in input_names} if site_inputs else {}
-    num_observed = next(iter(inputs.values())).shape[0] if inputs else 0
-    box = Truncation({k: jnp.asarray(v) for k, v in truncation.lower.items()},
-                     {k: jnp.asarray(v) for k, v in truncation.upper.items()})
+    lower = {k: jnp.asarray(truncation.lower[k]) for k in checked}
+    upper = {k: jnp.asarray(truncation.upper[k]) for k in checked}
 
-    @jax.jit
+    def build():
+        # The box and the observed inputs are arguments, not constants: one compilation serves
+        # every round.
+        def run(k, lower, upper, inputs):
+            box = Truncation(lower, upper)
+
+            def one(k):
+                kg, ks, ki = jr.split(k, 3)
+                g = lowered.sample_globals(kg)
+                given = None
+                if inputs:
+                    i = jr.randint(ki, (), 0, next(iter(inputs.values())).shape[0])
+                    given = {name: value[i] for name, value in inputs.items()}
+                s = lowered.sample_site_params(ks, g, given)
+                params = {**{n: g[n] for n in global_names},
+                          **{n: s[n][None] for n in (*local_names, *lowered.prior_inputs)}}
+                z = lowered.to_unconstrained(params)
+                z = {n: (z[n][0] if n in local_names else z[n]) for n in checked}
+                site = {n: s[n] for n in (*local_names, *input_names)}
+                return {n: g[n] for n in global_names}, site, box.contains(z, checked)
+            return jax.vmap(one)(jr.split(k, batch))
+        return jax.jit(run)
+
+    run = lowered.compiled_once(("truncated", with_site, batch), build)
+
     def candidates(k):
-        def one(k):
-            kg, ks, ki = jr.split(k, 3)
-            g = lowered.sample_globals(kg)
-            given = None
-            if inputs:
-                i = jr.randint(ki, (), 0, num_observed)
-                given = {name: value[i] for name, value in inputs.items()}
-            s = lowered.sample_site_params(ks, g, given)
-            params = {**{n: g[n] for n in global_names},
-                      **{n: s[n][None] for n in (*local_names, *lowered.prior_inputs)}}
-            z = lowered.to_unconstrained(params)
-            z = {n: (z[n][0] if n in local_names else z[n]) for n in checked}
-            site = {n: s[n] for n in (*local_names, *input_names)}
-            return {n: g[n] for n in global_names}, site, box.contains(z, checked)
-        return jax.vmap(one)(jr.split(k, batch))
+        return run(k, lower, upper, inputs)
 
     kept: list = []
     count = tried = 0
@@ -780,32 +800,17 @@ def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: T
     `num`: a sequential round's truncated prior); the sites' inputs and locals always come from
     the prior given the globals, their observations from the surrogate.
     """
-    layout1 = split1.layout
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
     per_chunk = max(1, chunk_sites // max_sites)
     given_globals = globals is not None
 
-    @jax.jit
-    def make(keys, gs):
-        def one(k, given):
-            kg, ks, kq = jr.split(k, 3)
-            g = lowered.sample_globals(kg, given if given_globals else None)
-            sites = jax.vmap(lambda kk: lowered.sample_site_params(kk, g))(jr.split(ks, max_sites))
-            values = {**g, **sites}
-            values.update({v.name: jnp.zeros((max_sites, *v.shape), jnp.float32) for v in lowered.ir.observations})
-            flow = to_flow_values(lowered, values)
-            # Each site as its own single-site context for the surrogate.
-            contexts = jax.vmap(lambda s: layout1.encode(
-                {**{n: flow[n] for n in flow if n in _global_names(lowered)},
-                 **{n: s[n][None] for n in s}}, 1))({n: flow[n] for n in flow if n in _site_names(lowered)})
-            contexts = normaliser.forward(contexts)
-            filled = sample_surrogate(surrogate, split1, normaliser, lowered, contexts, kq, sampler)
-            site_tokens = normaliser.inverse(filled).site_values[:, 0, :]  # (max_sites, T)
-            # Coordinates come from the inputs, already in `flow`; only the observations are new.
-            tokens = layout.encode({n: flow[n] for n in flow if n in set(layout.labels)}, max_sites)
-            return normaliser.forward(dataclasses.replace(tokens, site_values=site_tokens))
-        return jax.vmap(one)(keys, gs)
+    def build():
+        # The surrogate and the normaliser are arguments, not constants: one compilation serves
+        # every round (and every estimator of this model with the same surrogate architecture).
+        return eqx.filter_jit(functools.partial(_make_pool, lowered, split1, layout, max_sites, sampler,
+                                                given_globals))
 
+    make = lowered.compiled_once(("pool", split1, max_sites, sampler, given_globals), build)
     keys = jr.split(key, num)
     gs = ({name: jnp.asarray(value, jnp.float32) for name, value in globals.items()} if given_globals
           else jnp.zeros((num,)))
@@ -815,10 +820,36 @@ def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: T
         if n < per_chunk:
             chunk_keys = jnp.concatenate([chunk_keys, keys[:per_chunk - n]])
             chunk_gs = jax.tree.map(lambda a, c: jnp.concatenate([c, a[:per_chunk - n]]), gs, chunk_gs)
-        parts.append(jax.tree.map(lambda a: a[:n], make(chunk_keys, chunk_gs)))
+        parts.append(jax.tree.map(lambda a: a[:n], make(surrogate, normaliser, chunk_keys, chunk_gs)))
         if progress:
             progress(start + n, num)
     return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def _make_pool(lowered: LoweredModel, split1: TokenSplit, layout: TokenLayout, max_sites: int,
+               sampler: SamplerConfig, given_globals: bool, surrogate: TokenTransformer, normaliser: Normaliser,
+               keys: PRNGKeyArray, gs) -> Tokens:
+    """One chunk of `synthetic_pool`: a synthetic data set per key."""
+    layout1 = split1.layout
+
+    def one(k, given):
+        kg, ks, kq = jr.split(k, 3)
+        g = lowered.sample_globals(kg, given if given_globals else None)
+        sites = jax.vmap(lambda kk: lowered.sample_site_params(kk, g))(jr.split(ks, max_sites))
+        values = {**g, **sites}
+        values.update({v.name: jnp.zeros((max_sites, *v.shape), jnp.float32) for v in lowered.ir.observations})
+        flow = to_flow_values(lowered, values)
+        # Each site as its own single-site context for the surrogate.
+        contexts = jax.vmap(lambda s: layout1.encode(
+            {**{n: flow[n] for n in flow if n in _global_names(lowered)},
+             **{n: s[n][None] for n in s}}, 1))({n: flow[n] for n in flow if n in _site_names(lowered)})
+        contexts = normaliser.forward(contexts)
+        filled = sample_surrogate(surrogate, split1, normaliser, lowered, contexts, kq, sampler)
+        site_tokens = normaliser.inverse(filled).site_values[:, 0, :]  # (max_sites, T)
+        # Coordinates come from the inputs, already in `flow`; only the observations are new.
+        tokens = layout.encode({n: flow[n] for n in flow if n in set(layout.labels)}, max_sites)
+        return normaliser.forward(dataclasses.replace(tokens, site_values=site_tokens))
+    return jax.vmap(one)(keys, gs)
 
 
 def _global_names(lowered: LoweredModel) -> set[str]:

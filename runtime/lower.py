@@ -492,6 +492,15 @@ class LoweredModel:
             if v.name in needed:
                 needed.update(v.deps)
         self._site_prior_vars = tuple(v for v in self._site_param_vars if v.name in needed)
+        # Jitted functions built on this model, by purpose (`compiled_once`): training stages,
+        # rounds, estimators and benchmark cells of one model reuse them instead of re-tracing.
+        self.compiled: dict = {}
+
+    def compiled_once(self, key, build: Callable[[], Callable]) -> Callable:
+        """The function `build()` made the first time `key` is asked for on this model."""
+        if key not in self.compiled:
+            self.compiled[key] = build()
+        return self.compiled[key]
 
     # -- names ------------------------------------------------------------------
     @property
