@@ -4,6 +4,7 @@ and the posterior against the exact one on Gaussian Linear."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 
 import hierdsl
 from counting import CallCounter
+from tiny import TINY_DIRECT, TINY_LF, cli_trains_tiny_networks
 from hierdsl.checkpoint import CheckpointError, load
 from hierdsl.cli import main
 from hierdsl.reference import posterior_mean_sigma
@@ -21,12 +23,6 @@ from hierdsl.runtime import lf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-
-TINY_NET = lf.NetworkConfig(width=32, depth=1, num_heads=2)
-TINY_TRAIN = lf.TrainConfig(batch_size=64, max_epochs=4, patience=4, steps_per_epoch=10)
-TINY_LF = lf.LF(surrogate=TINY_NET, posterior=TINY_NET, surrogate_training=TINY_TRAIN,
-                posterior_training=TINY_TRAIN, num_synthetic=64, sampler=lf.SamplerConfig(num_steps=4))
-TINY_DIRECT = lf.Direct(posterior=TINY_NET, posterior_training=TINY_TRAIN)
 
 COUNTED = """
 extern host function shift(mu::Real)::Real
@@ -61,6 +57,21 @@ def test_direct_uses_budget_over_sites_full_simulations():
     estimator = hierdsl.fit(model, budget=150, key=jax.random.key(1), strategy=TINY_DIRECT)
     assert counter.calls == (150 // 4) * 4  # 37 simulations of 4 sites each
     assert estimator.simulator_calls == 148
+
+
+def test_training_and_sampling_functions_are_built_once_per_model(counted_lf):
+    """Equal training settings share one optimiser (the compiled epoch keys on it), and every
+    estimator of a model shares its compiled sampler: rounds and refits don't re-trace."""
+    from hierdsl import inference
+
+    model, estimator, _ = counted_lf
+    config = lf.POSTERIOR_TRAINING
+    assert config.optimiser(50) is dataclasses.replace(config).optimiser(50)
+    assert config.optimiser(50) is not config.optimiser(40)
+    again = inference.Estimator(model, estimator.strategy, estimator.budget, estimator.trained)
+    assert again.lowered is estimator.lowered is model.lowered()
+    sampler = inference.POSTERIOR_SAMPLER
+    assert inference._sampler(again, sampler) is inference._sampler(estimator, sampler)
 
 
 def test_posterior_shapes_fixed_key_and_fewer_sites(counted_lf):
@@ -179,6 +190,7 @@ def test_interrupted_train_resumes_without_new_simulations(tmp_path, monkeypatch
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
+    cli_trains_tiny_networks(monkeypatch)
     monkeypatch.setattr(lf, "synthetic_pool", interrupt)
     with contextlib.redirect_stderr(io.StringIO()):
         assert main(args) == 130
@@ -189,6 +201,7 @@ def test_interrupted_train_resumes_without_new_simulations(tmp_path, monkeypatch
     def no_simulations(*a, **k):
         raise AssertionError("a resumed run must not simulate again")
 
+    cli_trains_tiny_networks(monkeypatch)
     monkeypatch.setattr(lf, "simulate_single_sites", no_simulations)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

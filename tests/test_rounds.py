@@ -12,6 +12,7 @@ from scipy import stats
 
 import hierdsl
 from counting import CallCounter
+from tiny import TINY_LF, TINY_NET, cli_trains_tiny_networks
 from hierdsl.checkpoint import load
 from hierdsl.inference import lower
 from hierdsl.runtime import lf
@@ -31,12 +32,6 @@ model Truncated(n::Int = 3)
     end
 end
 """
-
-TINY_NET = lf.NetworkConfig(width=32, depth=1, num_heads=2)
-TINY_TRAIN = lf.TrainConfig(batch_size=64, max_epochs=4, patience=4, steps_per_epoch=10)
-TINY_LF = lf.LF(surrogate=TINY_NET, posterior=TINY_NET, surrogate_training=TINY_TRAIN,
-                posterior_training=TINY_TRAIN, num_synthetic=64, sampler=lf.SamplerConfig(num_steps=4))
-
 
 DATA = {"x": np.array([0.4, 0.9, 1.3]), "se": np.array([1.2, 1.5, 1.8])}
 
@@ -105,8 +100,12 @@ def test_box_spans_the_draws_quantiles_widened_and_pools_only_observed_sites(low
         assert np.allclose(back.lower[name], t.lower[name]) and np.allclose(back.upper[name], t.upper[name])
 
 
-def test_synthetic_pool_uses_the_given_globals(lowered):
-    """A round's synthetic data sets take their globals from the truncated prior, not the prior."""
+def test_synthetic_pool_uses_the_given_globals_and_compiles_once(lowered, monkeypatch):
+    """A round's synthetic data sets take their globals from the truncated prior, not the prior;
+    a later round (new surrogate weights, new globals) reuses the compiled pool function."""
+    traces = []
+    make_pool = lf._make_pool
+    monkeypatch.setattr(lf, "_make_pool", lambda *args: traces.append(1) or make_pool(*args))
     layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
     split1 = lf.surrogate_split(layout1, lowered)
     sims = lf.simulate_single_sites(lowered, jax.random.key(3), 64, lf.SimulationCounter())
@@ -119,6 +118,12 @@ def test_synthetic_pool_uses_the_given_globals(lowered):
     decoded = jax.vmap(lambda t: layout.decode(t, 3))(normaliser.inverse(pool))  # flow space: log s
     assert np.allclose(decoded["m"], 7.5, atol=1e-4)
     assert np.allclose(decoded["s"], np.linspace(-1, 1, 6), atol=1e-4)
+    assert len(traces) == 1
+    later = lf.synthetic_pool(lowered, TINY_NET.build(layout1, jax.random.key(8)), split1, normaliser,
+                              jax.random.key(9), 6, 3, lf.SamplerConfig(num_steps=2),
+                              globals={"m": np.zeros(6, np.float32), "s": np.ones(6, np.float32)})
+    assert len(traces) == 1  # traced (and compiled) once for both
+    assert not np.allclose(later.site_values, pool.site_values)
 
 
 def test_rounds_draw_from_the_truncated_prior_and_the_file_keeps_the_region(rounds, tmp_path):
@@ -162,7 +167,7 @@ def test_a_rounds_estimator_warns_for_data_outside_its_region(rounds):
         est.trained = focused
 
 
-def test_cli_infer_with_rounds(tmp_path):
+def test_cli_infer_with_rounds(tmp_path, monkeypatch):
     import contextlib
     import io
     import json
@@ -175,6 +180,7 @@ def test_cli_infer_with_rounds(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("site,variable,index,value\nA,x,,0.5\nB,x,,-0.3\nC,x,,1.1\n")
     run = str(tmp_path / "run")
+    cli_trains_tiny_networks(monkeypatch)  # the subject is the command's rounds, not accuracy
     base = ["infer", model_file, "--arg", "n_sites=3", "--data", str(data), "--budget", "120", "--epochs", "2",
             "--num-samples", "50", "--no-plots", "-o", run]
     for bad, message in ((["--rounds", "0"], "--rounds must be at least 1"),
