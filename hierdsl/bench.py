@@ -218,16 +218,13 @@ class Bench:
         import jax
 
         from hierdsl.data import data_variables
-        from hierdsl.runtime.lower import LoweredModel
 
         s = self.settings
         path = os.path.join(self.cache, f"obs_{task}_{n}_{s.observations}_{s.seed}.npz")
         arrays = _load_npz(path)
         if arrays is None:
-            lowered = LoweredModel(model.ir, dict(model.functions))
-            sim = jax.jit(lowered.simulate, static_argnums=1)
             keys = jax.random.split(jax.random.key(10_000 + s.seed), s.observations)
-            draws = [{k: np.asarray(v) for k, v in sim(k, n).items()} for k in keys]
+            draws = [{k: np.asarray(v) for k, v in model.simulate(k, n).items()} for k in keys]
             arrays = {f"{i}/{k}": v for i, d in enumerate(draws) for k, v in d.items()}
             _save_npz(path, arrays)
         data_names = {v.name for v in data_variables(model.ir)}
@@ -284,12 +281,11 @@ class Bench:
         """l-C2ST classifiers of an amortised estimator, from `lc2st_pairs` prior simulations."""
         import jax
 
-        from hierdsl.runtime.lower import LoweredModel
+        from hierdsl.runtime import lf
         from hierdsl.runtime.metrics import fit_lc2st
 
         s = self.settings
-        lowered = LoweredModel(model.ir, dict(model.functions))
-        sim = jax.jit(jax.vmap(lambda k: lowered.simulate(k, n)))
+        sim = lf.full_simulator(model.lowered(), n)
         sims = {k: np.asarray(v) for k, v in sim(jax.random.split(jax.random.key(20_000 + s.seed), s.lc2st_pairs)).items()}
         # (pairs, sites, ...) per variable: one flat row per simulated data set.
         params, data_names = _param_names(model), _data_names(model)

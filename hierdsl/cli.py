@@ -98,16 +98,12 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     import numpy as np
 
     from hierdsl.data import Dataset, data_variables, dataset_to_csv, default_site_labels
-    from hierdsl.runtime.lower import LoweredModel, check_simulations
+    from hierdsl.runtime.lower import check_simulations
 
     model = _compile_for_run(ns)
     if ns.sites < 1:
         raise UserError("--sites must be at least 1")
-    lowered = LoweredModel(model.ir, dict(model.functions))
-    import jax
-
-    sims = jax.jit(lowered.simulate, static_argnums=1)(_key(ns.seed), ns.sites)
-    sims = {k: np.asarray(v) for k, v in sims.items()}
+    sims = {k: np.asarray(v) for k, v in model.simulate(_key(ns.seed), ns.sites).items()}
     check_simulations({v.name: sims[v.name] for v in model.ir.observations})
     labels = default_site_labels(ns.sites)
     names = [v.name for v in data_variables(model.ir)]

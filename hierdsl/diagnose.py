@@ -308,10 +308,10 @@ def check(estimator, *, key, num_sims: int = DEFAULT_SIMS, num_samples: int = DE
 
     Returns: a `CheckReport`. Raises `HsbiError` for unusable settings or data.
     """
-    import jax
     import jax.random as jr
 
     from hierdsl.data import data_variables
+    from hierdsl.runtime import lf
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -344,8 +344,7 @@ def check(estimator, *, key, num_sims: int = DEFAULT_SIMS, num_samples: int = DE
     if progress is not None:
         progress.message(f"simulating {num_sims} data sets of {num_sites} site{'s' if num_sites != 1 else ''}")
     t0 = time.perf_counter()
-    lowered = estimator.lowered
-    simulate = jax.jit(jax.vmap(lambda k: lowered.simulate(k, num_sites)))
+    simulate = lf.full_simulator(estimator.lowered, num_sites)
     sims = {name: np.asarray(value) for name, value in simulate(jr.split(k_sim, num_sims)).items()}
     # Every per-site input goes to the posterior (fixed designs too, so they are not recomputed).
     conditioned = [v.name for v in ir.variables if v.role in ("observation", "input")]

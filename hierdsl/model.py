@@ -29,7 +29,7 @@ class Model:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     definitions: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     path: Optional[str] = None
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)  # lowered model, jitted simulators
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)  # the lowered model
 
     @property
     def name(self) -> str:
@@ -56,10 +56,8 @@ class Model:
         import jax
 
         n_sites = int(n_sites or self.ir.num_sites)
-        fn = self._cache.get(("simulate", n_sites))
-        if fn is None:
-            fn = jax.jit(lambda k, p: self.lowered().simulate(k, n_sites, p))
-            self._cache[("simulate", n_sites)] = fn
+        lowered = self.lowered()
+        fn = lowered.compiled_once(("simulate", n_sites), lambda: jax.jit(lambda k, p: lowered.simulate(k, n_sites, p)))
         return fn(key, dict(params or {}))
 
     def structure(self) -> str:

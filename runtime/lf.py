@@ -298,12 +298,17 @@ def simulate_single_sites(lowered: LoweredModel, key: PRNGKeyArray, num: int, co
     return sims
 
 
+def full_simulator(lowered: LoweredModel, num_sites: int) -> Callable[[PRNGKeyArray], Values]:
+    """`keys (num,) -> num` simulations of `num_sites` sites, compiled once per model and site count."""
+    return lowered.compiled_once(("full", num_sites),
+                                 lambda: jax.jit(jax.vmap(lambda k: lowered.simulate(k, num_sites))))
+
+
 def simulate_full(lowered: LoweredModel, key: PRNGKeyArray, num: int, num_sites: int, counter: SimulationCounter,
                   *, progress: Optional[Callable[[int, int], None]] = None) -> Values:
     """`num` full simulations of `num_sites` sites each (`num * num_sites` simulator calls)."""
     size = max(1, min(num, 8192 // max(1, num_sites)))
-    batch = lowered.compiled_once(("full", num_sites),
-                                  lambda: jax.jit(jax.vmap(lambda k: lowered.simulate(k, num_sites))))
+    batch = full_simulator(lowered, num_sites)
     keys = jr.split(key, num)
     parts = []
     for start, n in _chunks(num, size):
