@@ -122,6 +122,19 @@ class SamplerConfig:
         return dict(solver=solver, stepsize_controller=diffrax.ConstantStepSize(), num_steps=self.num_steps)
 
 
+# The posterior network serves every site count up to `max_sites`, but data sets usually come with
+# all of them (the estimator's `max_sites` defaults to the model's site count). Drawing the count
+# uniformly gave the full count only 1/max_sites of the training; on Eight Schools (8 sites) the
+# school effects' posterior means were then off NUTS's by 0.77 on average, with sds 15% too wide.
+# Keeping all sites in half of the examples (the other half uniform) is the default.
+ALL_SITES_FRACTION = 0.5
+
+
+def _check_fraction(value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"all_sites_fraction must be between 0 and 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LF:
     """Likelihood-factorised training (the default strategy).
@@ -133,6 +146,9 @@ class LF:
             (free: they cost no simulator calls). None: `max(2000, 2 * budget)`, capped by memory.
         min_sites: the smallest site count the posterior is trained for (it serves any count from
             `min_sites` to the estimator's `max_sites`).
+        all_sites_fraction: the share of the posterior network's training examples that keep all
+            `max_sites` sites; the others keep a uniformly drawn count from `min_sites` up (see
+            `ALL_SITES_FRACTION`).
         sampler: how the surrogate is integrated when assembling synthetic data.
     """
 
@@ -142,7 +158,11 @@ class LF:
     posterior_training: TrainConfig = POSTERIOR_TRAINING
     num_synthetic: Optional[int] = None
     min_sites: int = 1
+    all_sites_fraction: float = ALL_SITES_FRACTION
     sampler: SamplerConfig = SamplerConfig()
+
+    def __post_init__(self):
+        _check_fraction(self.all_sites_fraction)
 
     name = "lf"
 
@@ -154,8 +174,12 @@ class Direct:
     posterior: NetworkConfig = NetworkConfig()
     posterior_training: TrainConfig = POSTERIOR_TRAINING
     min_sites: int = 1
+    all_sites_fraction: float = ALL_SITES_FRACTION
 
     name = "direct"
+
+    def __post_init__(self):
+        _check_fraction(self.all_sites_fraction)
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -362,20 +386,24 @@ def flow_data(split: TokenSplit, layout: TokenLayout, tokens: Tokens) -> FlowDat
 
 class SiteSubsets(eqx.Module):
     """A generator of posterior training batches from a pool of data sets: random data sets with a
-    random number of real sites each (the rest masked), so one network serves every site count."""
+    random number of real sites each (the rest masked), so one network serves every site count.
+    A share `all_sites_fraction` of the examples keeps all sites; the others keep a count drawn
+    uniformly from `min_sites` to `max_sites`."""
 
     tokens: Tokens  # normalised, (pool, max_sites, …)
     layout: TokenLayout = eqx.field(static=True)
     split: TokenSplit = eqx.field(static=True)
     batch_size: int = eqx.field(static=True)
     min_sites: int = eqx.field(static=True)
+    all_sites_fraction: float = eqx.field(static=True, default=ALL_SITES_FRACTION)
 
     def __call__(self, key: PRNGKeyArray) -> FlowData:
-        k_index, k_count = jr.split(key)
+        k_index, k_count, k_all = jr.split(key, 3)
         pool = self.tokens.site_mask.shape[0]
         index = jr.randint(k_index, (self.batch_size,), 0, pool)
         max_sites = self.layout.max_sites
         counts = jr.randint(k_count, (self.batch_size,), self.min_sites, max_sites + 1)
+        counts = jnp.where(jr.uniform(k_all, (self.batch_size,)) < self.all_sites_fraction, max_sites, counts)
         site_mask = (jnp.arange(max_sites)[None, :] < counts[:, None]).astype(jnp.float32)
         chosen = jax.tree.map(lambda a: a[index], self.tokens)
         tokens = Tokens(chosen.global_values, chosen.site_values * site_mask[..., None],
@@ -588,8 +616,9 @@ def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normalis
     n_val = max(1, int(round(num_synthetic * config.validation_fraction)))
     train_pool = jax.tree.map(lambda a: a[n_val:], pool)
     val_pool = jax.tree.map(lambda a: a[:n_val], pool)
-    generator = SiteSubsets(train_pool, layout, split, config.batch_size, strategy.min_sites)
-    validation = SiteSubsets(val_pool, layout, split, n_val, strategy.min_sites)(k_val)
+    generator = SiteSubsets(train_pool, layout, split, config.batch_size, strategy.min_sites,
+                            strategy.all_sites_fraction)
+    validation = SiteSubsets(val_pool, layout, split, n_val, strategy.min_sites, strategy.all_sites_fraction)(k_val)
     vf = _fit(_VF(network, split), generator, key, config, log, progress.epochs("posterior", config.max_epochs),
               validation_data=validation, steps_per_epoch=config.steps_per_epoch)
     seconds["posterior"] = seconds.get("posterior", 0.0) + log.seconds
@@ -892,8 +921,8 @@ def train_direct(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy
     train_tokens = jax.tree.map(lambda a: a[order[n_val:]], tokens)
     stages = {"posterior": StageLog()}
     generator = SiteSubsets(train_tokens, layout, split, min(config.batch_size, max(1, num - n_val)),
-                            strategy.min_sites)
-    validation = SiteSubsets(val_tokens, layout, split, n_val, strategy.min_sites)(k_val)
+                            strategy.min_sites, strategy.all_sites_fraction)
+    validation = SiteSubsets(val_tokens, layout, split, n_val, strategy.min_sites, strategy.all_sites_fraction)(k_val)
     network = strategy.posterior.build(layout, k_net)
     vf = _fit(_VF(network, split), generator, k_train, config, stages["posterior"],
               progress.epochs("posterior", config.max_epochs), validation_data=validation,
