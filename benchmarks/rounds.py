@@ -76,7 +76,7 @@ def main() -> None:
     if args.quick:
         args.budget, args.epochs = 200, 4
 
-    model = hierdsl.compile(SOURCE.replace("n_sites::Int = 10", f"n_sites::Int = {args.sites}"))
+    model = hierdsl.compile(SOURCE, args={"n_sites": args.sites})
     rng = np.random.default_rng(3)
     y = observed(args.sites, rng)
     reference = exact_posterior(y, NUM_DRAWS, rng)
@@ -101,7 +101,7 @@ def main() -> None:
         theta_error = np.abs(sample[:, 1:].mean(0) - reference[:, 1:].mean(0)).mean()
         theta_ratio = (sample[:, 1:].std(0) / reference[:, 1:].std(0)).mean()
         name = "one round" if rounds == 1 else f"{rounds} rounds of {args.budget // rounds} simulations"
-        print(f"| {name} | {rounds * epochs if rounds > 1 else epochs} "
+        print(f"| {name} | {rounds * epochs} "
               f"| {abs(sample[:, 0].mean() - mu_mean) / mu_sd:.2f} | {sample[:, 0].std() / mu_sd:.2f} "
               f"| {theta_error:.3f} | {theta_ratio:.2f} | {joint:.3f} | {mu_only:.3f} | {wall:.0f} s |", flush=True)
 

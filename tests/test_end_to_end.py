@@ -1,6 +1,6 @@
 """The user's path end to end: `hierdsl simulate`, then `hierdsl infer`, every output, and the
-posterior against the exact one on Gaussian Linear. In its own file so that the parallel test
-processes (one file each) can run it beside the other inference tests."""
+posterior against the exact one on Gaussian Linear. The longest test; in its own file (the
+parallel test processes take one file each)."""
 
 from __future__ import annotations
 
