@@ -55,6 +55,9 @@ def _strategy_from_json(obj: dict):
 
     obj = dict(obj)
     name = obj.pop("name")
+    if isinstance(obj.get("sampler"), dict):
+        # Files written before the setting existed synthesised their data with evenly spaced steps.
+        obj["sampler"] = {"time_power": 1.0, **obj["sampler"]}
     cls = {"lf": lf.LF, "direct": lf.Direct}[name]
     nested = {"surrogate": lf.NetworkConfig, "posterior": lf.NetworkConfig,
               "surrogate_training": lf.TrainConfig, "posterior_training": lf.TrainConfig,

@@ -31,7 +31,7 @@ from hierdsl.runtime.nn import TokenVectorField
 from hierdsl.runtime.tokens import TokenLayout, target_mask
 
 Strategy = Union[lf.LF, lf.Direct]
-POSTERIOR_SAMPLER = lf.SamplerConfig(num_steps=32)
+POSTERIOR_SAMPLER = lf.SamplerConfig(num_steps=32, time_power=2.0)
 REGION_WARNING = 0.05  # warn when more posterior draws than this leave a rounds-refined estimator's region
 
 

@@ -114,12 +114,14 @@ class SamplerConfig:
 
     num_steps: int = 16
     solver: str = "heun"  # "heun", "euler", or "tsit5" (adaptive)
+    time_power: float = 2.0  # fixed steps end at t = 1 - (1 - k/N)^time_power (1: evenly spaced)
 
     def options(self) -> dict:
         if self.solver == "tsit5":
             return dict(solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-4))
         solver = {"heun": diffrax.Heun(), "euler": diffrax.Euler()}[self.solver]
-        return dict(solver=solver, stepsize_controller=diffrax.ConstantStepSize(), num_steps=self.num_steps)
+        return dict(solver=solver, stepsize_controller=diffrax.ConstantStepSize(), num_steps=self.num_steps,
+                    time_power=self.time_power)
 
 
 # The posterior network serves every site count up to `max_sites`, but data sets usually come with

@@ -66,3 +66,13 @@ def test_the_fraction_is_checked_and_kept_in_the_estimator_file():
     old = _strategy_json(lf.Direct())
     del old["all_sites_fraction"]
     assert _strategy_from_json(old) == dataclasses.replace(lf.Direct(), all_sites_fraction=0.0)
+
+
+def test_the_sampler_spacing_is_kept_in_the_estimator_file():
+    strategy = lf.LF(sampler=lf.SamplerConfig(num_steps=8, time_power=3.0))
+    assert _strategy_from_json(_strategy_json(strategy)) == strategy
+    assert lf.SamplerConfig().time_power == 2.0
+    # A file written before the setting existed synthesised its data with evenly spaced steps.
+    old = _strategy_json(lf.LF())
+    del old["sampler"]["time_power"]
+    assert _strategy_from_json(old).sampler == lf.SamplerConfig(time_power=1.0)
