@@ -31,6 +31,7 @@ from hierdsl.runtime.nn import TokenVectorField
 from hierdsl.runtime.tokens import TokenLayout, target_mask
 
 Strategy = Union[lf.LF, lf.Direct]
+# Steps crowded toward t = 1 resolve narrow posteriors as well as an adaptive solve (docs/benchmark.md).
 POSTERIOR_SAMPLER = lf.SamplerConfig(num_steps=32, time_power=2.0)
 REGION_WARNING = 0.05  # warn when more posterior draws than this leave a rounds-refined estimator's region
 
@@ -191,8 +192,9 @@ class Posterior:
     def sample(self, num: int, *, key, sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> dict[str, np.ndarray]:
         """`num` posterior draws: globals `(num, *shape)`, locals `(num, sites, *shape)`.
 
-        The flow is integrated with `sampler` (fixed Heun steps by default; `SamplerConfig(
-        solver="tsit5")` for an adaptive solve). Compiled once per estimator and sampler.
+        The flow is integrated with `sampler` (32 fixed Heun steps crowded toward the data end by
+        default; `SamplerConfig(solver="tsit5")` for an adaptive solve). Compiled once per
+        estimator and sampler.
         """
         fn = _sampler(self.estimator, sampler)
         samples = fn(self.estimator.trained.posterior, self.estimator.trained.normaliser, self.context, self.mask,
