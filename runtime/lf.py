@@ -116,6 +116,13 @@ class SamplerConfig:
     solver: str = "heun"  # "heun", "euler", or "tsit5" (adaptive)
     time_power: float = 2.0  # fixed steps end at t = 1 - (1 - k/N)^time_power (1: evenly spaced)
 
+    def __post_init__(self):
+        if self.solver not in ("heun", "euler", "tsit5"):
+            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r}; use 'heun', 'euler' or 'tsit5'")
+        if self.num_steps < 1 or not self.time_power > 0:
+            raise ValueError(f"SamplerConfig: num_steps must be at least 1 and time_power positive, got "
+                             f"num_steps={self.num_steps}, time_power={self.time_power}")
+
     def options(self) -> dict:
         if self.solver == "tsit5":
             return dict(solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-4))

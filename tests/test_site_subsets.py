@@ -72,6 +72,10 @@ def test_the_sampler_spacing_is_kept_in_the_estimator_file():
     strategy = lf.LF(sampler=lf.SamplerConfig(num_steps=8, time_power=3.0))
     assert _strategy_from_json(_strategy_json(strategy)) == strategy
     assert lf.SamplerConfig().time_power == 2.0
+    with pytest.raises(ValueError, match="time_power"):
+        lf.SamplerConfig(time_power=0.0)
+    with pytest.raises(ValueError, match="solver"):
+        lf.SamplerConfig(solver="rk4")
     # A file written before the setting existed synthesised its data with evenly spaced steps.
     old = _strategy_json(lf.LF())
     del old["sampler"]["time_power"]
