@@ -149,7 +149,10 @@ def assess_group(name: str, labels: Sequence[str], truths, samples, *, num_indep
         samples: `(num_truths, L, dim)` posterior draws for each truth.
         num_independent: how many of the truths are independent (default all). Locals pooled over
             the sites of one simulation share its globals, so they are not independent: pass the
-            number of simulations, which widens the coverage tolerance to be safe.
+            number of simulations, with the rows in that many consecutive groups of equal size (one
+            per simulation, as `check` builds them). The SBC test is then the cluster-robust
+            `metrics.sbc_uniformity_clustered` (the pooled Pearson test rejects exact posteriors of
+            hierarchical models far too often), and the coverage tolerance is widened to be safe.
         level: the family-wise level of the SBC verdict and of the coverage bands.
         checked_levels: the credibility levels whose coverage is compared with the band.
     """
@@ -166,9 +169,17 @@ def assess_group(name: str, labels: Sequence[str], truths, samples, *, num_indep
         raise ValueError(f"{len(labels)} labels for {truths.shape[1]} parameter elements")
     num_truths, num_posterior = samples.shape[0], samples.shape[1]
     num_independent = int(num_independent or num_truths)
-    num_bins = min(num_posterior + 1, max(2, num_truths // 20))
+    if not 1 <= num_independent <= num_truths or num_truths % num_independent:
+        raise ValueError(f"{num_truths} truths cannot form {num_independent} groups of equal size")
+    # Bins: about 20 expected per bin among the independent units (see `metrics.sbc_uniformity`).
+    num_bins = min(num_posterior + 1, max(2, num_independent // 20))
     ranks = metrics.sbc_ranks(truths, samples)
-    p_values = np.asarray(metrics.sbc_uniformity(ranks, num_posterior, num_bins=num_bins), np.float64)
+    if num_independent < num_truths:
+        clustered = ranks.reshape(num_independent, num_truths // num_independent, -1)
+        p_values = metrics.sbc_uniformity_clustered(clustered, num_posterior, num_bins=num_bins)
+    else:
+        p_values = metrics.sbc_uniformity(ranks, num_posterior, num_bins=num_bins)
+    p_values = np.asarray(p_values, np.float64)
     combined = metrics.bonferroni(p_values)
     levels = np.unique(np.concatenate([np.asarray(metrics.COVERAGE_LEVELS), np.asarray(checked_levels)]))
     coverage = np.asarray(metrics.expected_coverage(truths, samples, levels))
@@ -454,10 +465,17 @@ def _plot_ranks(group: GroupCheck, path: str) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     n, num_values, bins = group.ranks.shape[0], group.num_posterior_samples + 1, group.num_bins
     probabilities = np.bincount(np.arange(num_values) * bins // num_values, minlength=bins) / num_values
-    lo = stats.binom.ppf(0.005, n, probabilities)
-    hi = stats.binom.ppf(0.995, n, probabilities)
+    clusters = group.num_independent
     for ax, j in zip(axes.ravel(), order):
         counts = np.bincount(group.ranks[:, j] * bins // num_values, minlength=bins)
+        if clusters < n:
+            # Ranks of one simulation's sites are correlated: the band's spread comes from the
+            # simulations' own bin counts (as in the cluster-robust test), not a binomial.
+            per_cluster = (group.ranks[:, j].reshape(clusters, -1, 1) * bins // num_values == np.arange(bins)).sum(1)
+            spread = np.sqrt(np.sum((per_cluster - (n // clusters) * probabilities) ** 2, axis=0))
+            lo, hi = n * probabilities - 2.576 * spread, n * probabilities + 2.576 * spread
+        else:
+            lo, hi = stats.binom.ppf(0.005, n, probabilities), stats.binom.ppf(0.995, n, probabilities)
         x = np.arange(bins)
         ax.fill_between(np.concatenate([[x[0] - 0.5], x + 0.5]), np.concatenate([[lo[0]], lo]),
                         np.concatenate([[hi[0]], hi]), step="pre", color="0.85", label="99% uniform band")

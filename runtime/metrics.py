@@ -13,6 +13,8 @@ arrays — ready for reports.
 - **SBC** (`sbc_ranks`, `sbc_uniformity`, `bonferroni`, `sbc`; Talts et al. 2018): the rank of each
   true parameter among its posterior samples is uniform on {0, …, L} for a calibrated estimator;
   a chi-square test per dimension, combined across dimensions with a Bonferroni correction.
+  Ranks that come in correlated clusters (the sites of one data set) take the cluster-robust
+  `sbc_uniformity_clustered` instead.
 - **Expected coverage** (`expected_coverage`): the fraction of true parameters inside the central
   α-credible interval of their marginal posterior; below α means over-confident, above α
   under-confident.
@@ -563,6 +565,70 @@ def sbc_uniformity(
     expected = num_truths * probabilities
     statistic = np.sum((observed - expected) ** 2 / expected, axis=-1)
     return _chi_square_survival(statistic, num_bins - 1)
+
+
+def sbc_uniformity_clustered(
+    ranks: Int[ArrayLike, "num_clusters cluster_size dim"],
+    num_posterior_samples: int,
+    *,
+    num_bins: int | None = None,
+) -> Float[np.ndarray, " dim"]:
+    """The p-value, per dimension, that SBC ranks in correlated clusters are uniform.
+
+    Ranks of one cluster (the sites of one simulated data set) share its globals, so they are
+    correlated even for the exact posterior: when the truth of one site's local lies high among its
+    draws, the shared mean it was drawn around tends to, and so do its neighbours'. The Pearson test
+    of `sbc_uniformity` on the pooled ranks then rejects an exact posterior far more often than its
+    level (measured: 61% at level 0.05 for 100 data sets of 8 strongly pooled sites). Clusters are
+    independent, so this test is a cluster-robust Wald test instead: with `c_i` the bin counts of
+    cluster `i` and `p` the uniform bin shares, the deviations `d_i = c_i − size · p` (last bin
+    dropped: they sum to 0) have mean 0 under uniformity; their total `D = Σ d_i` and covariance
+    estimate `V = Σ d_i d_iᵀ` give `Dᵀ V⁻¹ D`, asymptotically χ² with `num_bins − 1` degrees of
+    freedom as the number of clusters grows. With clusters of one rank it is close to Pearson's.
+
+    **Arguments:**
+
+    - `ranks`: SBC ranks, `(num_clusters, cluster_size, dim)`.
+    - `num_posterior_samples`: L, the number of posterior samples each rank was taken among.
+    - `num_bins`: the number of bins; default `num_clusters // 20` (the covariance is estimated
+      from the clusters, so their number, not the number of ranks, bounds the bins), at least 2
+      and at most L + 1.
+
+    **Returns:** the p-values, `(dim,)`.
+    """
+    ranks = np.asarray(ranks)
+    if ranks.ndim == 2:
+        ranks = ranks[..., None]
+    if ranks.ndim != 3:
+        raise ValueError(f"clustered ranks have shape (num_clusters, cluster_size, dim), got {ranks.shape}.")
+    num_clusters, cluster_size, dim = ranks.shape
+    num_values = num_posterior_samples + 1
+    if num_bins is None:
+        num_bins = min(num_values, max(2, num_clusters // 20))
+    if not 2 <= num_bins <= num_values:
+        raise ValueError(
+            f"`num_bins` must lie between 2 and L + 1 = {num_values} (one bin per possible rank), "
+            f"got {num_bins}."
+        )
+    if np.any((ranks < 0) | (ranks > num_posterior_samples)):
+        raise ValueError(
+            f"SBC ranks lie in [0, L] = [0, {num_posterior_samples}]; got ranks outside it — is "
+            f"`num_posterior_samples` the L the ranks were taken among?"
+        )
+    probabilities = np.bincount(np.arange(num_values) * num_bins // num_values, minlength=num_bins) / num_values
+    bins = ranks * num_bins // num_values
+    counts = np.sum(bins[..., None] == np.arange(num_bins), axis=1)  # (clusters, dim, bins)
+    deviations = (counts - cluster_size * probabilities)[..., :-1].astype(np.float64)
+    p_values = np.empty(dim)
+    for j in range(dim):
+        d = deviations[:, j, :]
+        total = d.sum(axis=0)
+        covariance = d.T @ d
+        # A bin no cluster ever deviates in carries no evidence; the pseudo-inverse drops it.
+        statistic = float(total @ np.linalg.pinv(covariance) @ total)
+        degrees = max(1, int(np.linalg.matrix_rank(covariance)))
+        p_values[j] = _chi_square_survival(np.asarray(statistic), degrees)
+    return p_values
 
 
 def bonferroni(p_values: Float[ArrayLike, " num_tests"]) -> float:

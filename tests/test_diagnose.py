@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import hierdsl
+from exact_hierarchy import hierarchical_posterior
 from hierdsl import cli, diagnose
 from hierdsl.cli import UserError
 from hierdsl.compiler.errors import HsbiError
@@ -108,6 +109,23 @@ def test_tolerance_band_follows_the_number_of_independent_truths():
     truths, draws = conjugate(600, 50, 1, spread=1.0, seed=3)
     pooled = diagnose.assess_group("locals", ["mu"], truths, draws, num_independent=200)
     assert pooled.num_independent == 200 and pooled.bands[0.9][0] < diagnose.coverage_band(0.9, 50, 600, 0.025)[0]
+
+
+def test_pooled_locals_of_an_exact_hierarchical_posterior_pass():
+    """Locals pooled over the sites of each simulation are tested per simulation (clusters): the
+    exact posterior of a strongly pooled hierarchy passes, a shifted one fails."""
+    rng = np.random.default_rng(21)
+    theta, draws = hierarchical_posterior(200, 8, 50, rng, tau=1.0)
+    truths = theta.reshape(-1, 1)
+    samples = np.moveaxis(draws, 2, 1).reshape(-1, 50, 1)
+    group = diagnose.assess_group("locals", ["theta"], truths, samples, num_independent=200)
+    assert group.verdict == "PASS" and group.num_bins == 10  # bins from the 200 simulations
+    theta, draws = hierarchical_posterior(200, 8, 50, rng, tau=1.0, shift=1.5)
+    shifted = diagnose.assess_group("locals", ["theta"], theta.reshape(-1, 1),
+                                    np.moveaxis(draws, 2, 1).reshape(-1, 50, 1), num_independent=200)
+    assert shifted.verdict == "FAIL" and not shifted.sbc_passed
+    with pytest.raises(ValueError, match="groups of equal size"):
+        diagnose.assess_group("locals", ["theta"], truths[:-1], samples[:-1], num_independent=200)
 
 
 # ----------------------------------------------------------------------------- end to end
