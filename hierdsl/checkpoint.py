@@ -94,6 +94,7 @@ def save_estimator(path: str, estimator) -> None:
             "globals": int(trained.normaliser.global_mean.shape[0]),
             "tokens": int(trained.normaliser.site_mean.shape[0]),
             "coords": int(trained.normaliser.coord_mean.shape[0]),
+            "squash": True,  # the heavy-tail flags follow the six affine arrays
         },
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
@@ -156,8 +157,11 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
     max_sites = int(header["max_sites"])
     shapes = header["normaliser_shapes"]
     zeros = lambda n: jnp.zeros((n,), jnp.float32)
-    normaliser = lf.Normaliser(zeros(shapes["globals"]), zeros(shapes["globals"]), zeros(shapes["tokens"]),
-                               zeros(shapes["tokens"]), zeros(shapes["coords"]), zeros(shapes["coords"]))
+    affine = (zeros(shapes["globals"]), zeros(shapes["globals"]), zeros(shapes["tokens"]), zeros(shapes["tokens"]),
+              zeros(shapes["coords"]), zeros(shapes["coords"]))
+    squash = (zeros(shapes["globals"]), zeros(shapes["tokens"]))
+    # Files written before heavy-tailed tokens were squashed hold the six affine arrays only.
+    normaliser = lf.Normaliser(*affine, *squash) if shapes.get("squash") else affine
     layout = TokenLayout.from_ir(model.ir, max_sites=max_sites)
     posterior = strategy.posterior.build(layout, jr.key(0))
     surrogate = None
@@ -167,6 +171,8 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
         normaliser, posterior, surrogate = eqx.tree_deserialise_leaves(io.BytesIO(payload), (normaliser, posterior, surrogate))
     except Exception as exc:  # a payload that does not fit the networks the header describes
         raise _fail(path, f"estimator file `{path}` does not match the networks its header describes: {exc}") from None
+    if not isinstance(normaliser, lf.Normaliser):
+        normaliser = lf.Normaliser(*normaliser, *squash)
     stages = {k: lf.StageLog(**v) for k, v in header["stages"].items()}
     truncation = lf.Truncation.from_json(header["truncation"]) if header.get("truncation") else None
     trained = lf.Trained(normaliser, posterior, surrogate, max_sites, int(header["simulator_calls"]), stages,

@@ -343,7 +343,7 @@ def _log_prob_fn(est: Estimator, sampler: lf.SamplerConfig):
                     site_mask=context.site_mask))
                 x = split.gather(tokens.global_values, tokens.site_values)
                 lp = flow_log_prob(vf, x, context, mask, key=k, divergence=divergence, num_probes=4, **options)
-                return lp - normaliser.target_log_scale(split, context.site_mask) - log_det
+                return lp - normaliser.target_log_jacobian(split, tokens) - log_det
 
             keys = jr.split(key, jax.tree.leaves(params)[0].shape[0])
             return jax.vmap(one)(params, keys)

@@ -114,6 +114,42 @@ def test_save_load_gives_identical_samples(counted_lf, tmp_path):
     assert [f for f in os.listdir(tmp_path)] == ["est.hsbe"]  # atomic: no temporary left behind
 
 
+def test_files_from_before_heavy_tail_squashing_load_with_affine_tokens(counted_lf, tmp_path):
+    """An estimator file whose normaliser holds only the six affine arrays (written before heavy-
+    tailed tokens were squashed) loads with no token squashed and samples as it did."""
+    import hashlib
+    import json
+    import struct
+
+    import equinox as eqx
+
+    from hierdsl.checkpoint import MAGIC, read_header
+
+    model, estimator, _ = counted_lf
+    path = str(tmp_path / "new.hsbe")
+    estimator.save(path)
+    header, _ = read_header(path)
+    trained = estimator.trained
+    norm = trained.normaliser
+    assert header["normaliser_shapes"]["squash"] and not np.any(np.asarray(norm.site_squash))
+    buffer = io.BytesIO()
+    affine = (norm.global_mean, norm.global_scale, norm.site_mean, norm.site_scale, norm.coord_mean, norm.coord_scale)
+    eqx.tree_serialise_leaves(buffer, (affine, trained.posterior, trained.surrogate))
+    payload = buffer.getvalue()
+    del header["normaliser_shapes"]["squash"]
+    header.update(payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+    head = json.dumps(header, sort_keys=True).encode("utf-8")
+    old_path = tmp_path / "old.hsbe"
+    old_path.write_bytes(MAGIC + struct.pack("<Q", len(head)) + head + payload)
+    old = load(str(old_path), model)
+    assert not np.any(np.asarray(old.trained.normaliser.global_squash))
+    data = {"x": np.array([0.5, -0.2, 1.0, 0.1])}
+    a = estimator.condition(data).sample(20, key=jax.random.key(7))
+    b = old.condition(data).sample(20, key=jax.random.key(7))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 def test_load_refuses_other_models_and_damaged_files(counted_lf, tmp_path):
     _, estimator, _ = counted_lf
     path = tmp_path / "est.hsbe"
