@@ -63,8 +63,10 @@ def _strategy_from_json(obj: dict):
               "surrogate_training": lf.TrainConfig, "posterior_training": lf.TrainConfig,
               "sampler": lf.SamplerConfig}
     kwargs = {k: (nested[k](**v) if k in nested and isinstance(v, dict) else v) for k, v in obj.items()}
-    # Files written before the field existed drew their site counts uniformly.
+    # Files written before the fields existed drew their site counts uniformly and gave the
+    # posterior network the locals as they are (centred).
     kwargs.setdefault("all_sites_fraction", 0.0)
+    kwargs.setdefault("noncentred", False)
     return cls(**kwargs)
 
 

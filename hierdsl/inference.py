@@ -109,6 +109,9 @@ class Estimator:
         self.lowered = lower(model)
         self.layout = TokenLayout.from_ir(model.ir, max_sites=trained.max_sites)
         self.split = lf.posterior_split(self.layout, self.lowered)
+        self.noncentred = lf.noncentred_locals(self.lowered, strategy)
+        # The posterior network's view of the tokens (its non-centred locals pass through).
+        self.normaliser = lf.posterior_normaliser(trained.normaliser, self.layout, self.noncentred)
 
     @property
     def max_sites(self) -> int:
@@ -148,7 +151,7 @@ class Estimator:
         masks = jnp.stack([p.mask for p in posts])
         site_values = jax.tree.map(stack, *[p.site_values for p in posts])
         fn = _sampler(self, sampler)
-        network, normaliser = self.trained.posterior, self.trained.normaliser
+        network, normaliser = self.trained.posterior, self.normaliser
         draws = jax.vmap(lambda c, m, sv, k: fn(network, normaliser, c, m, sv, k, 1))(
             contexts, masks, site_values, jr.split(key, num_sets))
         n = posts[0].num_sites
@@ -186,7 +189,7 @@ class Posterior:
         raw = estimator.layout.encode(values, estimator.max_sites, absent=lowered.parameter_names)
         site_mask = (jnp.arange(estimator.max_sites) < n).astype(jnp.float32)
         raw = dataclasses.replace(raw, site_mask=site_mask)
-        self.context = estimator.trained.normaliser.forward(raw)
+        self.context = estimator.normaliser.forward(raw)
         self.mask = target_mask(estimator.layout, estimator.split, site_mask)
 
     def sample(self, num: int, *, key, sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> dict[str, np.ndarray]:
@@ -197,7 +200,7 @@ class Posterior:
         estimator and sampler.
         """
         fn = _sampler(self.estimator, sampler)
-        samples = fn(self.estimator.trained.posterior, self.estimator.trained.normaliser, self.context, self.mask,
+        samples = fn(self.estimator.trained.posterior, self.estimator.normaliser, self.context, self.mask,
                      self.site_values, key, num)
         n = self.num_sites
         draws = {name: np.asarray(value[:, :n] if self.estimator.model.ir.variable(name).per_site else value)
@@ -259,7 +262,7 @@ class Posterior:
         params = self._padded(samples)
         fn = _log_prob_fn(est, sampler)
         key = jr.key(0) if key is None else key
-        return np.asarray(fn(est.trained.posterior, est.trained.normaliser, self.context, self.mask,
+        return np.asarray(fn(est.trained.posterior, est.normaliser, self.context, self.mask,
                              self.site_values, params, key))
 
 
@@ -284,7 +287,7 @@ def _site_values(lowered: LoweredModel, data: Dataset, max_sites: int) -> dict[s
 
 
 def _sampler(est: Estimator, sampler: lf.SamplerConfig):
-    lowered, split, layout = est.lowered, est.split, est.layout
+    lowered, split, layout, noncentred = est.lowered, est.split, est.layout, est.noncentred
 
     def build():
         # The network is an argument: every estimator of this model with the same layout shares it.
@@ -298,6 +301,7 @@ def _sampler(est: Estimator, sampler: lf.SamplerConfig):
             def decode(xi):
                 tokens = normaliser.inverse(split.scatter(context, xi))
                 z = layout.decode(tokens, layout.max_sites)
+                z, _ = lf.recentre(lowered, z, site_values, noncentred, context.site_mask)
                 params, _ = lf.from_flow_values(lowered, z, site_values, context.site_mask)
                 return params
 
@@ -305,7 +309,7 @@ def _sampler(est: Estimator, sampler: lf.SamplerConfig):
 
         return sample
 
-    return lowered.compiled_once(("sample", split, sampler), build)
+    return lowered.compiled_once(("sample", split, sampler, noncentred), build)
 
 
 def _unconstrained_fn(est: Estimator):
@@ -324,7 +328,7 @@ def _unconstrained_fn(est: Estimator):
 
 
 def _log_prob_fn(est: Estimator, sampler: lf.SamplerConfig):
-    lowered, split, layout = est.lowered, est.split, est.layout
+    lowered, split, layout, noncentred = est.lowered, est.split, est.layout, est.noncentred
 
     def build():
         divergence = lf.log_prob_divergence(int(split.num_targets))
@@ -338,17 +342,19 @@ def _log_prob_fn(est: Estimator, sampler: lf.SamplerConfig):
                 z = lowered.to_unconstrained({**p, **{n: site_values[n] for n in lowered.prior_inputs}})
                 _, log_det = lf.from_flow_values(lowered, z, site_values, context.site_mask)
                 values = {**{name: site_values[name] for name in site_values}, **z}
+                values = lf.noncentre(lowered, values, noncentred, context.site_mask)
+                _, centring_log_det = lf.recentre(lowered, values, site_values, noncentred, context.site_mask)
                 tokens = normaliser.forward(dataclasses.replace(
                     layout.encode({k2: values[k2] for k2 in values if k2 in set(layout.labels)}, layout.max_sites),
                     site_mask=context.site_mask))
                 x = split.gather(tokens.global_values, tokens.site_values)
                 lp = flow_log_prob(vf, x, context, mask, key=k, divergence=divergence, num_probes=4, **options)
-                return lp - normaliser.target_log_jacobian(split, tokens) - log_det
+                return lp - normaliser.target_log_jacobian(split, tokens) - centring_log_det - log_det
 
             keys = jr.split(key, jax.tree.leaves(params)[0].shape[0])
             return jax.vmap(one)(params, keys)
 
         return log_prob
 
-    return lowered.compiled_once(("log_prob", split, sampler), build)
+    return lowered.compiled_once(("log_prob", split, sampler, noncentred), build)
 

@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .flow import FlowData
 from .flow import sample as flow_sample
+from . import likelihood
 from .errors import RuntimeModelError
 from .lower import LoweredModel, check_simulations
 from .nn import TokenTransformer, TokenVectorField
@@ -139,6 +140,14 @@ class SamplerConfig:
 ALL_SITES_FRACTION = 0.5
 
 
+# Hierarchical locals (θⱼ ~ Normal(μ, τ)) make the joint posterior a funnel: θⱼ − μ spans orders
+# of magnitude as τ does, and with a heavy-tailed τ prior the θⱼ themselves are heavy-tailed. In
+# the non-centred coordinates uⱼ = (θⱼ − μ) / τ the prior is a standard normal whatever μ and τ
+# are (the cure MCMC uses too, `likelihood.from_noncentred`); the posterior network works in them
+# and the exact map back carries its log-Jacobian.
+NONCENTRED = True
+
+
 def _check_fraction(value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"all_sites_fraction must be between 0 and 1, got {value!r}")
@@ -159,6 +168,9 @@ class LF:
             `max_sites` sites; the others keep a uniformly drawn count from `min_sites` up (see
             `ALL_SITES_FRACTION`).
         sampler: how the surrogate is integrated when assembling synthetic data.
+        noncentred: the posterior network sees each hierarchical local (a Normal or LogNormal
+            local whose location or scale reads a global, `likelihood.hierarchical_locals`)
+            standardised by its prior, `(z - loc) / scale`, instead of `z` (see `NONCENTRED`).
     """
 
     surrogate: NetworkConfig = NetworkConfig()
@@ -169,6 +181,7 @@ class LF:
     min_sites: int = 1
     all_sites_fraction: float = ALL_SITES_FRACTION
     sampler: SamplerConfig = SamplerConfig()
+    noncentred: bool = NONCENTRED
 
     def __post_init__(self):
         _check_fraction(self.all_sites_fraction)
@@ -184,6 +197,7 @@ class Direct:
     posterior_training: TrainConfig = POSTERIOR_TRAINING
     min_sites: int = 1
     all_sites_fraction: float = ALL_SITES_FRACTION
+    noncentred: bool = NONCENTRED
 
     name = "direct"
 
@@ -302,6 +316,49 @@ def _log_cosh(z):
     # log cosh z = |z| + log1p(exp(-2|z|)) - log 2, exact without overflow.
     a = jnp.abs(z)
     return a + jnp.log1p(jnp.exp(-2.0 * a)) - jnp.log(2.0)
+
+
+def posterior_normaliser(normaliser: Normaliser, layout: TokenLayout, noncentred: tuple[str, ...]) -> Normaliser:
+    """The normaliser of the posterior network's tokens: `normaliser`, except that the tokens of
+    the non-centred locals, standard normal under the prior, pass through (mean 0, scale 1)."""
+    if not noncentred:
+        return normaliser
+    index = np.concatenate([np.arange(layout.tokens_per_site)[layout.slot(name).tokens] for name in noncentred])
+    return dataclasses.replace(normaliser, site_mean=normaliser.site_mean.at[index].set(0.0),
+                               site_scale=normaliser.site_scale.at[index].set(1.0),
+                               site_squash=normaliser.site_squash.at[index].set(0.0))
+
+
+def noncentred_locals(lowered: LoweredModel, strategy) -> tuple[str, ...]:
+    """The locals the posterior network of `strategy` sees non-centred."""
+    return likelihood.hierarchical_locals(lowered.ir) if getattr(strategy, "noncentred", False) else ()
+
+
+def _site_inputs(lowered: LoweredModel, values: Mapping[str, Array]) -> Values:
+    return {v.name: values[v.name] for v in lowered.ir.inputs if v.name in values}
+
+
+def noncentre(lowered: LoweredModel, z: Values, names: tuple[str, ...], site_mask: Float[Array, " sites"]) -> Values:
+    """Flow values of one data set (`to_flow_values`) with the locals `names` non-centred; zero at
+    padded sites (their location and scale may be anything)."""
+    if not names:
+        return z
+    num_sites = site_mask.shape[0]
+    u = likelihood.noncentre(lowered, z, _site_inputs(lowered, z), names, num_sites)
+    for name in names:
+        real = site_mask.reshape(num_sites, *([1] * (u[name].ndim - 1))) > 0
+        u[name] = jnp.where(real, u[name], 0.0)
+    return u
+
+
+def recentre(lowered: LoweredModel, u: Values, site_values: Mapping[str, Array], names: tuple[str, ...],
+             site_mask: Float[Array, " sites"]) -> tuple[Values, Float[Array, ""]]:
+    """The inverse of `noncentre`, with log |det ∂z/∂u| over the real sites."""
+    if not names:
+        return u, jnp.zeros((), jnp.float32)
+    num_sites = site_mask.shape[0]
+    z, log_det = likelihood.recentre(lowered, u, _site_inputs(lowered, site_values), names, num_sites)
+    return z, jnp.sum(jnp.where(site_mask > 0, log_det, 0.0))
 
 
 # ----------------------------------------------------------------------------- flow space
@@ -669,7 +726,8 @@ def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normalis
         key_pool, k_globals = jr.split(key_pool)
         globals, _, _ = sample_truncated(lowered, k_globals, num_synthetic, truncation, with_site=False)
     pool = synthetic_pool(lowered, surrogate, split1, normaliser, key_pool, num_synthetic, max_sites,
-                          strategy.sampler, globals=globals, progress=progress.bar("synthesise", num_synthetic))
+                          strategy.sampler, globals=globals, noncentred=noncentred_locals(lowered, strategy),
+                          progress=progress.bar("synthesise", num_synthetic))
     seconds["synthesise"] = seconds.get("synthesise", 0.0) + time.perf_counter() - start
 
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
@@ -890,12 +948,14 @@ def _default_pool(budget: int, max_sites: int, tokens_per_site: int) -> int:
 
 def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: TokenSplit, normaliser: Normaliser,
                    key: PRNGKeyArray, num: int, max_sites: int, sampler: SamplerConfig,
-                   *, globals: Optional[Values] = None, chunk_sites: int = 8192, progress=None) -> Tokens:
+                   *, globals: Optional[Values] = None, noncentred: tuple[str, ...] = (), chunk_sites: int = 8192,
+                   progress=None) -> Tokens:
     """`num` synthetic data sets of `max_sites` sites (normalised posterior tokens).
 
     The globals are drawn from the prior, or taken from `globals` (arrays with a leading axis of
     `num`: a sequential round's truncated prior); the sites' inputs and locals always come from
-    the prior given the globals, their observations from the surrogate.
+    the prior given the globals, their observations from the surrogate. The locals `noncentred`
+    are non-centred in the posterior's tokens (`noncentre`, `posterior_normaliser`).
     """
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
     per_chunk = max(1, chunk_sites // max_sites)
@@ -905,9 +965,9 @@ def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: T
         # The surrogate and the normaliser are arguments, not constants: one compilation serves
         # every round (and every estimator of this model with the same surrogate architecture).
         return eqx.filter_jit(functools.partial(_make_pool, lowered, split1, layout, max_sites, sampler,
-                                                given_globals))
+                                                given_globals, noncentred))
 
-    make = lowered.compiled_once(("pool", split1, max_sites, sampler, given_globals), build)
+    make = lowered.compiled_once(("pool", split1, max_sites, sampler, given_globals, noncentred), build)
     keys = jr.split(key, num)
     gs = ({name: jnp.asarray(value, jnp.float32) for name, value in globals.items()} if given_globals
           else jnp.zeros((num,)))
@@ -924,10 +984,14 @@ def synthetic_pool(lowered: LoweredModel, surrogate: TokenTransformer, split1: T
 
 
 def _make_pool(lowered: LoweredModel, split1: TokenSplit, layout: TokenLayout, max_sites: int,
-               sampler: SamplerConfig, given_globals: bool, surrogate: TokenTransformer, normaliser: Normaliser,
-               keys: PRNGKeyArray, gs) -> Tokens:
+               sampler: SamplerConfig, given_globals: bool, noncentred: tuple[str, ...], surrogate: TokenTransformer,
+               normaliser: Normaliser, keys: PRNGKeyArray, gs) -> Tokens:
     """One chunk of `synthetic_pool`: a synthetic data set per key."""
     layout1 = split1.layout
+    # The non-centred locals' tokens come from the non-centred values, the rest from the surrogate's
+    # single-site tokens (which hold the drawn inputs and locals, and the new observations).
+    standardised = [int(i) for name in noncentred for i in np.arange(layout.tokens_per_site)[layout.slot(name).tokens]]
+    target_normaliser = posterior_normaliser(normaliser, layout, noncentred)
 
     def one(k, given):
         kg, ks, kq = jr.split(k, 3)
@@ -944,8 +1008,11 @@ def _make_pool(lowered: LoweredModel, split1: TokenSplit, layout: TokenLayout, m
         filled = sample_surrogate(surrogate, split1, normaliser, lowered, contexts, kq, sampler)
         site_tokens = normaliser.inverse(filled).site_values[:, 0, :]  # (max_sites, T)
         # Coordinates come from the inputs, already in `flow`; only the observations are new.
+        flow = noncentre(lowered, flow, noncentred, jnp.ones((max_sites,), jnp.float32))
         tokens = layout.encode({n: flow[n] for n in flow if n in set(layout.labels)}, max_sites)
-        return normaliser.forward(dataclasses.replace(tokens, site_values=site_tokens))
+        if standardised:
+            site_tokens = site_tokens.at[:, standardised].set(tokens.site_values[:, standardised])
+        return target_normaliser.forward(dataclasses.replace(tokens, site_values=site_tokens))
     return jax.vmap(one)(keys, gs)
 
 
@@ -974,9 +1041,12 @@ def train_direct(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
     split = posterior_split(layout, lowered)
     flow_vals = flow_values_batch(lowered, sims, k_deq, dequantise=False)
-    raw = encode_batch(layout, flow_vals, max_sites)
-    normaliser = Normaliser.fit(raw)
-    tokens = normaliser.forward(raw)
+    normaliser = Normaliser.fit(encode_batch(layout, flow_vals, max_sites))
+    noncentred = noncentred_locals(lowered, strategy)
+    if noncentred:
+        real = jnp.ones((max_sites,), jnp.float32)
+        flow_vals = jax.vmap(lambda z: noncentre(lowered, z, noncentred, real))(flow_vals)
+    tokens = posterior_normaliser(normaliser, layout, noncentred).forward(encode_batch(layout, flow_vals, max_sites))
     config = strategy.posterior_training
     n_val = max(1, int(round(num * config.validation_fraction)))
     order = np.asarray(jr.permutation(k_val, num))

@@ -257,6 +257,39 @@ def noncentred_locals(ir: ModelIR) -> tuple[str, ...]:
     return tuple(names)
 
 
+def hierarchical_locals(ir: ModelIR) -> tuple[str, ...]:
+    """The `noncentred_locals` whose location or scale reads a global parameter (directly or
+    through deterministic values): the ones that form funnels, such as Eight Schools' θⱼ ~
+    Normal(μ, τ). A local with a fixed prior (μᵢ ~ Normal(0, 1)) is not among them."""
+    reads_globals = {v.name for v in ir.globals}
+    for v in ir.variables:
+        if v.role in ("global_det", "site_det") and any(d in reads_globals for d in v.deps):
+            reads_globals.add(v.name)
+    return tuple(name for name in noncentred_locals(ir) if any(d in reads_globals for d in ir.variable(name).deps))
+
+
+def noncentre(lowered: LoweredModel, z: Mapping[str, Any], inputs: Mapping[str, Any], names: tuple[str, ...],
+              num_sites: int) -> Params:
+    """Unconstrained parameters of one data set → the same with each local in `names` standardised
+    by its prior, `u = (z - loc) / scale` per site (`inputs`: the sites' inputs, site axis first).
+    The inverse of `recentre`; `names` must be among `noncentred_locals`."""
+    if not names:
+        return dict(z)
+    loc, scale = _locations_scales(lowered, z, inputs, names, num_sites)
+    return {**z, **{name: (jnp.asarray(z[name], jnp.float32) - loc[name]) / scale[name] for name in names}}
+
+
+def recentre(lowered: LoweredModel, u: Mapping[str, Any], inputs: Mapping[str, Any], names: tuple[str, ...],
+             num_sites: int) -> tuple[Params, Float[Array, " sites"]]:
+    """The inverse of `noncentre`, with log |det ∂z/∂u| per site (Σ log scale over its elements)."""
+    if not names:
+        return dict(u), jnp.zeros((num_sites,), jnp.float32)
+    loc, scale = _locations_scales(lowered, u, inputs, names, num_sites)
+    z = {**u, **{name: loc[name] + scale[name] * jnp.asarray(u[name], jnp.float32) for name in names}}
+    log_det = sum(jnp.sum(jnp.log(scale[name]).reshape(num_sites, -1), axis=1) for name in names)
+    return z, log_det
+
+
 def from_noncentred(
     lowered: LoweredModel, u: Mapping[str, Any], data: Mapping[str, Any]
 ) -> tuple[Params, Float[Array, ""]]:
@@ -274,7 +307,8 @@ def from_noncentred(
     names = noncentred_locals(lowered.ir)
     if not names:
         return dict(u), jnp.zeros((), jnp.float32)
-    loc, scale = _locations_scales(lowered, u, site_values(lowered, data), names)
+    values = site_values(lowered, data)
+    loc, scale = _locations_scales(lowered, u, values, names, _num_sites(values))
     z = dict(u)
     for name in names:
         z[name] = loc[name] + scale[name] * jnp.asarray(u[name], jnp.float32)
@@ -286,7 +320,8 @@ def to_noncentred(lowered: LoweredModel, z: Mapping[str, Any], data: Mapping[str
     names = noncentred_locals(lowered.ir)
     if not names:
         return dict(z)
-    loc, scale = _locations_scales(lowered, z, site_values(lowered, data), names)
+    values = site_values(lowered, data)
+    loc, scale = _locations_scales(lowered, z, values, names, _num_sites(values))
     u = dict(z)
     for name in names:
         u[name] = (jnp.asarray(z[name], jnp.float32) - loc[name]) / scale[name]
@@ -299,10 +334,16 @@ def log_joint_noncentred(lowered: LoweredModel, u: Mapping[str, Any], data: Mapp
     return log_joint_unconstrained(lowered, z, data) + log_det
 
 
+def _num_sites(values: Mapping[str, Array]) -> int:
+    return int(jnp.shape(next(iter(values.values())))[0])
+
+
 def _locations_scales(
-    lowered: LoweredModel, unconstrained: Mapping[str, Any], values: Mapping[str, Array], names: tuple[str, ...]
+    lowered: LoweredModel, unconstrained: Mapping[str, Any], values: Mapping[str, Array], names: tuple[str, ...],
+    num_sites: int,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
-    """Per site, the location and scale (in unconstrained space) of each local in `names`."""
+    """Per site, the location and scale (in unconstrained space) of each local in `names`
+    (`values`: the sites' inputs, and possibly observations, site axis first)."""
     ir = lowered.ir
     globals, _ = lowered.globals_to_constrained({v.name: unconstrained[v.name] for v in ir.globals})
     needed = set(names)
@@ -328,7 +369,7 @@ def _locations_scales(
                 env[v.name] = lowered._evaluate(v, None, env)
         return loc, scale
 
-    return jax.vmap(one_site)(values)
+    return jax.vmap(one_site, axis_size=num_sites)(dict(values))
 
 
 def _add_log_density(total: Array, term: Array) -> Array:
