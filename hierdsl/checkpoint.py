@@ -67,6 +67,8 @@ def _strategy_from_json(obj: dict):
     # posterior network the locals as they are (centred).
     kwargs.setdefault("all_sites_fraction", 0.0)
     kwargs.setdefault("noncentred", False)
+    if cls is lf.LF:
+        kwargs.setdefault("surrogates", 1)
     return cls(**kwargs)
 
 
@@ -168,7 +170,8 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
     posterior = strategy.posterior.build(layout, jr.key(0))
     surrogate = None
     if isinstance(strategy, lf.LF):
-        surrogate = strategy.surrogate.build(TokenLayout.from_ir(model.ir, max_sites=1), jr.key(0))
+        layout1 = TokenLayout.from_ir(model.ir, max_sites=1)
+        surrogate = tuple(strategy.surrogate.build(layout1, jr.key(0)) for _ in range(strategy.surrogates))
     try:
         normaliser, posterior, surrogate = eqx.tree_deserialise_leaves(io.BytesIO(payload), (normaliser, posterior, surrogate))
     except Exception as exc:  # a payload that does not fit the networks the header describes

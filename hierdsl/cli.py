@@ -215,7 +215,7 @@ def cmd_infer(ns: argparse.Namespace) -> int:
     atomic_write(os.path.join(ns.output, "summary.csv"), results.summary_csv(rows))
     idata = results.inference_data(samples, data, model.ir)
     results.write_netcdf(os.path.join(ns.output, "posterior.nc"), idata)
-    history = {k: {"train": v.train_loss, "validation": v.val_loss} for k, v in estimator.trained.stages.items()}
+    history = _loss_history(estimator.trained.stages)
     plots = [] if ns.no_plots else results.write_plots(ns.output, idata, model.ir, history)
     import jax
 
@@ -353,3 +353,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _loss_history(stages) -> dict:
+    """Loss curves per plot panel: one per stage, an ensemble's surrogates together (member m's
+    stage is `surrogate_m`)."""
+    history: dict = {}
+    ensemble = any(name.startswith("surrogate_") for name in stages)
+    for name, log in stages.items():
+        panel, _, member = name.partition("_")
+        suffix = f" {member or 1}" if ensemble and panel == "surrogate" else ""
+        history.setdefault(panel, {}).update({f"train{suffix}": log.train_loss, f"validation{suffix}": log.val_loss})
+    return history
