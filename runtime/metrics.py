@@ -546,9 +546,20 @@ def sbc_uniformity(
     if ranks.ndim == 1:
         ranks = ranks[:, None]
     num_truths = ranks.shape[0]
+    bins, probabilities = _rank_bins(ranks, num_posterior_samples, num_bins, num_truths)
+    observed = np.sum(bins[..., None] == np.arange(probabilities.size), axis=0)  # (dim, num_bins)
+    expected = num_truths * probabilities
+    statistic = np.sum((observed - expected) ** 2 / expected, axis=-1)
+    return _chi_square_survival(statistic, probabilities.size - 1)
+
+
+def _rank_bins(ranks: np.ndarray, num_posterior_samples: int, num_bins: int | None,
+               num_independent: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each rank's bin and the bins' shares under uniformity (ranks 0..L split as evenly as
+    possible), checking both arguments; `num_bins` defaults to `num_independent // 20`."""
     num_values = num_posterior_samples + 1
     if num_bins is None:
-        num_bins = min(num_values, max(2, num_truths // 20))
+        num_bins = min(num_values, max(2, num_independent // 20))
     if not 2 <= num_bins <= num_values:
         raise ValueError(
             f"`num_bins` must lie between 2 and L + 1 = {num_values} (one bin per possible rank), "
@@ -559,12 +570,8 @@ def sbc_uniformity(
             f"SBC ranks lie in [0, L] = [0, {num_posterior_samples}]; got ranks outside it — is "
             f"`num_posterior_samples` the L the ranks were taken among?"
         )
-    bins = np.arange(num_bins)
-    observed = np.sum((ranks * num_bins // num_values)[..., None] == bins, axis=0)  # (dim, num_bins)
     probabilities = np.bincount(np.arange(num_values) * num_bins // num_values, minlength=num_bins) / num_values
-    expected = num_truths * probabilities
-    statistic = np.sum((observed - expected) ** 2 / expected, axis=-1)
-    return _chi_square_survival(statistic, num_bins - 1)
+    return ranks * num_bins // num_values, probabilities
 
 
 def sbc_uniformity_clustered(
@@ -602,22 +609,8 @@ def sbc_uniformity_clustered(
     if ranks.ndim != 3:
         raise ValueError(f"clustered ranks have shape (num_clusters, cluster_size, dim), got {ranks.shape}.")
     num_clusters, cluster_size, dim = ranks.shape
-    num_values = num_posterior_samples + 1
-    if num_bins is None:
-        num_bins = min(num_values, max(2, num_clusters // 20))
-    if not 2 <= num_bins <= num_values:
-        raise ValueError(
-            f"`num_bins` must lie between 2 and L + 1 = {num_values} (one bin per possible rank), "
-            f"got {num_bins}."
-        )
-    if np.any((ranks < 0) | (ranks > num_posterior_samples)):
-        raise ValueError(
-            f"SBC ranks lie in [0, L] = [0, {num_posterior_samples}]; got ranks outside it — is "
-            f"`num_posterior_samples` the L the ranks were taken among?"
-        )
-    probabilities = np.bincount(np.arange(num_values) * num_bins // num_values, minlength=num_bins) / num_values
-    bins = ranks * num_bins // num_values
-    counts = np.sum(bins[..., None] == np.arange(num_bins), axis=1)  # (clusters, dim, bins)
+    bins, probabilities = _rank_bins(ranks, num_posterior_samples, num_bins, num_clusters)
+    counts = np.sum(bins[..., None] == np.arange(probabilities.size), axis=1)  # (clusters, dim, bins)
     deviations = (counts - cluster_size * probabilities)[..., :-1].astype(np.float64)
     p_values = np.empty(dim)
     for j in range(dim):
