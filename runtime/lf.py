@@ -154,7 +154,8 @@ NONCENTRED = True
 # +0.15 for single members, and -0.07 to +0.05 for the average of four. With four members the
 # school effects' posterior means were 0.11-0.50 from NUTS's at three training seeds (one member:
 # 0.28-0.34) and `hierdsl check` passed at two of them (one member: one). Each member costs one
-# more surrogate training (about 10% of the Eight Schools main job); sampling costs the same.
+# more surrogate training (9-14 s of the Eight Schools main job's 336 s: members share the compiled
+# step); synthesis costs about the same.
 SURROGATES = 4
 
 
