@@ -351,10 +351,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def _loss_history(stages) -> dict:
     """Loss curves per plot panel: one per stage, an ensemble's surrogates together (member m's
     stage is `surrogate_m`)."""
@@ -365,3 +361,8 @@ def _loss_history(stages) -> dict:
         suffix = f" {member or 1}" if ensemble and panel == "surrogate" else ""
         history.setdefault(panel, {}).update({f"train{suffix}": log.train_loss, f"validation{suffix}": log.val_loss})
     return history
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
