@@ -68,7 +68,9 @@ def _strategy_from_json(obj: dict):
     kwargs.setdefault("all_sites_fraction", 0.0)
     kwargs.setdefault("noncentred", False)
     if cls is lf.LF:
+        # Files from before these settings existed were trained without them.
         kwargs.setdefault("surrogates", 1)
+        kwargs.setdefault("precondition", False)
     return cls(**kwargs)
 
 
@@ -99,6 +101,8 @@ def save_estimator(path: str, estimator) -> None:
             "tokens": int(trained.normaliser.site_mean.shape[0]),
             "coords": int(trained.normaliser.coord_mean.shape[0]),
             "squash": True,  # the heavy-tail flags follow the six affine arrays
+            # the preconditioned observation tokens; their two weight matrices follow the flags
+            "observed": list(trained.normaliser.observed),
         },
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
@@ -166,6 +170,11 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
     squash = (zeros(shapes["globals"]), zeros(shapes["tokens"]))
     # Files written before heavy-tailed tokens were squashed hold the six affine arrays only.
     normaliser = lf.Normaliser(*affine, *squash) if shapes.get("squash") else affine
+    observed = tuple(int(i) for i in shapes.get("observed", ()))
+    if observed:
+        features = shapes["globals"] + shapes["tokens"] - len(observed) + 1
+        weights = jnp.zeros((features, len(observed)), jnp.float32)
+        normaliser = lf.Normaliser(*affine, *squash, weights, weights, observed)
     layout = TokenLayout.from_ir(model.ir, max_sites=max_sites)
     posterior = strategy.posterior.build(layout, jr.key(0))
     surrogate = None

@@ -159,6 +159,22 @@ NONCENTRED = True
 SURROGATES = 4
 
 
+# The surrogate learns q(y | globals, locals, inputs) with y standardised by its spread over the
+# prior, against which a likelihood can be narrow: on Gaussian Linear (B = 5,000; 1.4 wide over
+# the prior) x | mu, sigma at sigma = 0.1 is 0.07 standardised units wide, and the four trained
+# members' draws there came out 1.06-2.59 times too wide and biased by up to 0.6 sigma, at sigma =
+# 0.03 2.8-7.1 times and up to 5.6 sigma, with 16 or 64 flow steps alike: the network, not the
+# integration. So the surrogate's flow works in preconditioned observations instead,
+# z = (y - loc(c)) / scale(c), loc and log scale linear in the standardised conditioning tokens c
+# and fitted to the simulations by iteratively reweighted least squares (`Normaliser.fit(...,
+# observed=...)`). Where the likelihood is a location-scale family in them (Gaussian Linear: loc =
+# mu, log scale = log sigma) z is standard normal at every c; elsewhere it is a first-order
+# correction that the flow completes. With it the same members' draws are 0.94-1.10 times as wide
+# as exact and within 0.15 sigma of the mean at every sigma from 0.03 to 1. The posterior network
+# never sees z: its tokens go through `posterior_normaliser`, which drops the preconditioning.
+PRECONDITION = True
+
+
 def _check_fraction(value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"all_sites_fraction must be between 0 and 1, got {value!r}")
@@ -184,6 +200,8 @@ class LF:
         noncentred: the posterior network sees each hierarchical local (a Normal or LogNormal
             local whose location or scale reads a global, `likelihood.hierarchical_locals`)
             standardised by its prior, `(z - loc) / scale`, instead of `z` (see `NONCENTRED`).
+        precondition: the surrogate's flow works in the observations' residuals from a linear
+            location-scale fit on the conditioning tokens (see `PRECONDITION`).
     """
 
     surrogate: NetworkConfig = NetworkConfig()
@@ -196,6 +214,7 @@ class LF:
     sampler: SamplerConfig = SamplerConfig()
     noncentred: bool = NONCENTRED
     surrogates: int = SURROGATES
+    precondition: bool = PRECONDITION
 
     def __post_init__(self):
         _check_fraction(self.all_sites_fraction)
@@ -233,6 +252,9 @@ class Direct:
 HEAVY_TAIL_KURTOSIS = 50.0
 
 
+PRECONDITION_LOG_SCALE = (-7.0, 3.0)  # the preconditioner's log scale is clipped to this range
+
+
 class Normaliser(eqx.Module):
     """Per-token standardisation of `Tokens` (the same per-site statistics at every site).
 
@@ -251,10 +273,14 @@ class Normaliser(eqx.Module):
     coord_scale: Float[Array, " coords"]
     global_squash: Float[Array, " globals"]
     site_squash: Float[Array, " tokens"]
+    observed_loc: Optional[Float[Array, "features observed"]] = None
+    observed_log_scale: Optional[Float[Array, "features observed"]] = None
+    observed: tuple[int, ...] = eqx.field(static=True, default=())
 
     @staticmethod
-    def fit(tokens: Tokens) -> "Normaliser":
-        """Statistics of a batch of tokens (leading batch axis), over real sites only."""
+    def fit(tokens: Tokens, observed: tuple[int, ...] = ()) -> "Normaliser":
+        """Statistics of a batch of tokens (leading batch axis), over real sites only; with
+        `observed` (per-site token positions), also their preconditioning (see `PRECONDITION`)."""
         def moments(values, weights, axes):
             count = jnp.maximum(weights.sum(axes), 1.0)
             mean = (values * weights).sum(axes) / count
@@ -273,32 +299,100 @@ class Normaliser(eqx.Module):
         real = np.asarray(tokens.site_mask) > 0
         site_values = np.asarray(tokens.site_values)[real]  # (real sites, tokens)
         s_mean, s_scale, s_squash = _heavy_tails(site_values, s_mean, s_scale)
-        return Normaliser(g_mean, g_scale, s_mean, s_scale, c_mean, c_scale, g_squash, s_squash)
+        base = Normaliser(g_mean, g_scale, s_mean, s_scale, c_mean, c_scale, g_squash, s_squash)
+        return base._preconditioned(tokens, tuple(int(i) for i in observed)) if observed else base
+
+    def _preconditioned(self, tokens: Tokens, observed: tuple[int, ...]) -> "Normaliser":
+        """This normaliser with the observed tokens preconditioned, fitted to `tokens` (batch).
+
+        Least squares in the standardised tokens: the observations' location on the features
+        (`_features`), then their log scale from log |residual| (+0.635, the mean of log |N(0, 1)|
+        subtracted back), three times over with the location weighted by 1 / scale², and a last
+        factor per observation that makes the preconditioned residuals' robust sd (IQR / 1.349) one."""
+        standard = self.forward(tokens)
+        real = np.asarray(tokens.site_mask).reshape(-1) > 0
+        num_tokens = standard.site_values.shape[-1]
+        features = np.asarray(_features(standard.global_values, standard.site_values, observed), np.float64)
+        features = features.reshape(-1, features.shape[-1])[real]
+        values = np.asarray(standard.site_values, np.float64).reshape(-1, num_tokens)[real][:, list(observed)]
+        # Iteratively reweighted: the location refitted with weights 1 / scale², per observation,
+        # so that where the likelihood is narrow its location is not set by the noise of the wide.
+        weights = np.ones_like(values)
+        for _ in range(3):
+            loc = np.stack([np.linalg.lstsq(features * np.sqrt(w)[:, None], values[:, k] * np.sqrt(w), rcond=None)[0]
+                            for k, w in enumerate(weights.T)], axis=1)
+            residual = values - features @ loc
+            log_scale = np.linalg.lstsq(features, np.log(np.abs(residual) + 1e-6) + 0.635, rcond=None)[0]
+            scale = np.exp(np.clip(features @ log_scale, *PRECONDITION_LOG_SCALE))
+            weights = 1.0 / scale**2
+        z = residual / scale
+        q1, q3 = np.quantile(z, [0.25, 0.75], axis=0)
+        log_scale[-1] += np.log(np.maximum((q3 - q1) / 1.349, 1e-6))  # the last feature is the constant
+        return dataclasses.replace(self, observed_loc=jnp.asarray(loc, jnp.float32),
+                                   observed_log_scale=jnp.asarray(log_scale, jnp.float32), observed=observed)
+
+    def without_preconditioning(self) -> "Normaliser":
+        """The same standardisation with the observations left as they are (the posterior's view)."""
+        return dataclasses.replace(self, observed_loc=None, observed_log_scale=None, observed=())
+
+    def _loc_log_scale(self, global_values, site_values):
+        """The observed tokens' location and log scale at each site, from the standardised tokens."""
+        features = _features(global_values, site_values, self.observed)
+        return (features @ self.observed_loc,
+                jnp.clip(features @ self.observed_log_scale, *PRECONDITION_LOG_SCALE))
 
     def forward(self, tokens: Tokens) -> Tokens:
         mask = tokens.site_mask[..., None]
+        global_values = _squash((tokens.global_values - self.global_mean) / self.global_scale, self.global_squash)
+        site_values = _squash((tokens.site_values - self.site_mean) / self.site_scale, self.site_squash)
+        if self.observed:
+            loc, log_scale = self._loc_log_scale(global_values, site_values)
+            index = np.asarray(self.observed)
+            site_values = site_values.at[..., index].set((site_values[..., index] - loc) * jnp.exp(-log_scale))
         return Tokens(
-            _squash((tokens.global_values - self.global_mean) / self.global_scale, self.global_squash),
-            _squash((tokens.site_values - self.site_mean) / self.site_scale, self.site_squash) * mask,
+            global_values,
+            site_values * mask,
             (tokens.site_coords - self.coord_mean) / self.coord_scale * mask[..., None],
             tokens.site_mask,
         )
 
     def inverse(self, tokens: Tokens) -> Tokens:
         mask = tokens.site_mask[..., None]
+        site_values = tokens.site_values
+        if self.observed:
+            # The features are conditioning tokens, which the preconditioning leaves unchanged.
+            loc, log_scale = self._loc_log_scale(tokens.global_values, site_values)
+            index = np.asarray(self.observed)
+            site_values = site_values.at[..., index].set(site_values[..., index] * jnp.exp(log_scale) + loc)
         return Tokens(
             _unsquash(tokens.global_values, self.global_squash) * self.global_scale + self.global_mean,
-            (_unsquash(tokens.site_values, self.site_squash) * self.site_scale + self.site_mean) * mask,
+            (_unsquash(site_values, self.site_squash) * self.site_scale + self.site_mean) * mask,
             (tokens.site_coords * self.coord_scale + self.coord_mean) * mask[..., None],
             tokens.site_mask,
         )
 
     def target_log_jacobian(self, split: TokenSplit, tokens: Tokens) -> Float[Array, ""]:
         """log |d x / d z| summed over the real target entries of one example's normalised
-        `tokens`: the log-Jacobian of `inverse` (log scale, plus log cosh z where squashed)."""
+        `tokens`: the log-Jacobian of `inverse` (log scale, plus log cosh where squashed, plus the
+        preconditioning's log scale)."""
+        site_values = tokens.site_values
+        log_jacobian = jnp.zeros_like(site_values)
+        if self.observed:
+            loc, log_scale = self._loc_log_scale(tokens.global_values, site_values)
+            index = np.asarray(self.observed)
+            log_jacobian = log_jacobian.at[..., index].set(log_scale)
+            site_values = site_values.at[..., index].set(site_values[..., index] * jnp.exp(log_scale) + loc)
         g = (jnp.log(self.global_scale) + self.global_squash * _log_cosh(tokens.global_values)) * split.global_target
-        s = (jnp.log(self.site_scale) + self.site_squash * _log_cosh(tokens.site_values)) * split.site_target
+        s = (jnp.log(self.site_scale) + self.site_squash * _log_cosh(site_values) + log_jacobian) * split.site_target
         return jnp.sum(g) + jnp.sum(s * tokens.site_mask[:, None])
+
+
+def _features(global_values, site_values, observed: tuple[int, ...]):
+    """Per site: the global tokens, the site's other tokens and a constant (the last feature)."""
+    conditioning = np.setdiff1d(np.arange(site_values.shape[-1]), np.asarray(observed, int))
+    shape = site_values.shape[:-1]
+    return jnp.concatenate([jnp.broadcast_to(global_values[..., None, :], (*shape, global_values.shape[-1])),
+                            site_values[..., conditioning], jnp.ones((*shape, 1), site_values.dtype)], axis=-1)
 
 
 def _heavy_tails(values: np.ndarray, mean, scale):
@@ -336,7 +430,9 @@ def _log_cosh(z):
 
 def posterior_normaliser(normaliser: Normaliser, layout: TokenLayout, noncentred: tuple[str, ...]) -> Normaliser:
     """The normaliser of the posterior network's tokens: `normaliser`, except that the tokens of
-    the non-centred locals, standard normal under the prior, pass through (mean 0, scale 1)."""
+    the non-centred locals, standard normal under the prior, pass through (mean 0, scale 1), and the
+    observations are not preconditioned (that depends on the parameters, the posterior's targets)."""
+    normaliser = normaliser.without_preconditioning()
     if not noncentred:
         return normaliser
     index = np.concatenate([np.arange(layout.tokens_per_site)[layout.slot(name).tokens] for name in noncentred])
@@ -550,6 +646,12 @@ class SiteSubsets(eqx.Module):
 # ----------------------------------------------------------------------------- the surrogate
 
 
+def observed_tokens(layout: TokenLayout, lowered: LoweredModel) -> tuple[int, ...]:
+    """The per-site token positions of the observations (the surrogate's targets)."""
+    positions = np.arange(layout.tokens_per_site)
+    return tuple(int(i) for v in lowered.ir.observations for i in positions[layout.slot(v.name).tokens])
+
+
 def surrogate_split(layout: TokenLayout, lowered: LoweredModel) -> TokenSplit:
     return layout.split(target=tuple(v.name for v in lowered.ir.observations))
 
@@ -699,7 +801,8 @@ def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF
         lowered, k_sim, budget, counter, progress=progress.bar("simulate", budget)))
 
     layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
-    normaliser = Normaliser.fit(encode_batch(layout1, flow_values_batch(lowered, sims, k_deq), 1))
+    observed = observed_tokens(layout1, lowered) if strategy.precondition else ()
+    normaliser = Normaliser.fit(encode_batch(layout1, flow_values_batch(lowered, sims, k_deq), 1), observed)
     members = range(strategy.surrogates)
     stages = {**{_member_stage(m): StageLog() for m in members}, "posterior": StageLog()}
     networks = tuple(strategy.surrogate.build(layout1, _member_key(k_net_s, m)) for m in members)

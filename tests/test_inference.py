@@ -136,13 +136,15 @@ def test_files_from_before_heavy_tail_squashing_load_with_affine_tokens(counted_
     affine = (norm.global_mean, norm.global_scale, norm.site_mean, norm.site_scale, norm.coord_mean, norm.coord_scale)
     eqx.tree_serialise_leaves(buffer, (affine, trained.posterior, trained.surrogate))
     payload = buffer.getvalue()
-    del header["normaliser_shapes"]["squash"]
+    del header["normaliser_shapes"]["squash"], header["normaliser_shapes"]["observed"]
+    del header["strategy"]["precondition"]
     header.update(payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
     head = json.dumps(header, sort_keys=True).encode("utf-8")
     old_path = tmp_path / "old.hsbe"
     old_path.write_bytes(MAGIC + struct.pack("<Q", len(head)) + head + payload)
     old = load(str(old_path), model)
     assert not np.any(np.asarray(old.trained.normaliser.global_squash))
+    assert old.trained.normaliser.observed == () and not old.strategy.precondition
     data = {"x": np.array([0.5, -0.2, 1.0, 0.1])}
     a = estimator.condition(data).sample(20, key=jax.random.key(7))
     b = old.condition(data).sample(20, key=jax.random.key(7))

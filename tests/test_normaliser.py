@@ -105,3 +105,59 @@ model Four(n::Int = 3)
 end
 """)
     return TokenLayout.from_ir(model.ir, max_sites=3)
+
+
+def _location_scale_sims(n=20000, seed=3):
+    """A global g (a log scale), per site a local m and an observation x = 2 m + exp(g) ε."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(n, 1))
+    m = rng.normal(size=(n, 1, 1))
+    x = 2.0 * m + np.exp(g)[:, :, None] * rng.normal(size=(n, 1, 1))
+    return g, np.concatenate([m, x], axis=2), np.ones((n, 1))
+
+
+def test_preconditioning_whitens_a_location_scale_likelihood():
+    g, sites, mask = _location_scale_sims()
+    tokens = _tokens(g, sites, mask)
+    norm = lf.Normaliser.fit(tokens, observed=(1,))
+    z = np.asarray(norm.forward(tokens).site_values[:, 0, 1])
+    # Standard normal at every noise scale (the noise sd spans a factor of about e^4 here).
+    for part in (g[:, 0] < -1.0, np.abs(g[:, 0]) < 0.5, g[:, 0] > 1.0):
+        assert abs(z[part].mean()) < 0.05 and abs(z[part].std() - 1.0) < 0.05
+    back = norm.inverse(norm.forward(tokens))
+    np.testing.assert_allclose(back.site_values, tokens.site_values, rtol=1e-4, atol=1e-4)
+    # The conditioning tokens, and everything the posterior sees, are the plain standardisation.
+    np.testing.assert_allclose(norm.forward(tokens).site_values[:, 0, 0], lf.Normaliser.fit(tokens).forward(tokens).site_values[:, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(norm.without_preconditioning().forward(tokens).site_values, lf.Normaliser.fit(tokens).forward(tokens).site_values, atol=1e-6)
+
+
+def test_posterior_normaliser_drops_the_preconditioning():
+    g, sites, mask = _location_scale_sims(n=2000)
+    norm = lf.Normaliser.fit(_tokens(g, sites, mask), observed=(1,))
+    assert norm.observed == (1,)
+    assert lf.posterior_normaliser(norm, _layout(), ()).observed == ()
+
+
+def test_target_log_jacobian_counts_the_preconditioning():
+    import jax
+
+    rng = np.random.default_rng(4)
+    n = 2000
+    g = rng.normal(size=(n, 2))
+    c = rng.normal(size=(n, 3, 1))
+    d = c + np.exp(g[:, :1])[:, :, None] * rng.normal(size=(n, 3, 1))
+    norm = lf.Normaliser.fit(_tokens(g, np.concatenate([c, d], axis=2), np.ones((n, 3))), observed=(1,))
+    layout = _layout()
+    split = layout.split(target=("d",))  # the surrogate's view: the observation is the target
+    site_mask = jnp.asarray([1.0, 1.0, 0.0])
+    one = Tokens(jnp.asarray([1.2, -0.4]), jnp.asarray([[0.3, 2.0], [-2.5, 0.1], [0.0, 0.0]]),
+                 jnp.zeros((3, 2, 0)), site_mask)
+
+    def inverse_targets(x):
+        return split.gather(*_values(norm.inverse(split.scatter(one, x))))
+
+    x = split.gather(one.global_values, one.site_values)
+    jacobian = jax.jacfwd(inverse_targets)(x)
+    real = np.asarray(target_mask(layout, split, site_mask)) > 0
+    _, expected = np.linalg.slogdet(np.asarray(jacobian)[np.ix_(real, real)])
+    np.testing.assert_allclose(norm.target_log_jacobian(split, one), expected, rtol=1e-5)
