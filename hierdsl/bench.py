@@ -450,6 +450,17 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_panels(task_rows: Sequence[dict]) -> list[tuple[str, int]]:
+    """The panels of one task's plot: `("budget", n_s)` (C2ST against the budget at that site count)
+    where a site count has several budgets, `("sites", B)` where a budget has several site counts;
+    one budget panel per site count when neither does (a single cell)."""
+    site_counts = sorted({r["sites"] for r in task_rows})
+    budgets = sorted({r["budget"] for r in task_rows})
+    against_budget = [("budget", n) for n in site_counts if len({r["budget"] for r in task_rows if r["sites"] == n}) > 1]
+    against_sites = [("sites", b) for b in budgets if len({r["sites"] for r in task_rows if r["budget"] == b}) > 1]
+    return against_budget + against_sites or [("budget", n) for n in site_counts]
+
+
 def plots(rows: Sequence[dict], out: str) -> list[str]:
     """One PNG per task: C2ST (joint and globals) against budget, and against the site count."""
     import matplotlib
@@ -464,7 +475,7 @@ def plots(rows: Sequence[dict], out: str) -> list[str]:
         task_rows = [r for r in rows if r["task"] == task]
         site_counts = sorted({r["sites"] for r in task_rows})
         budgets = sorted({r["budget"] for r in task_rows})
-        panels = [("budget", n) for n in site_counts] + ([("sites", b) for b in budgets] if len(site_counts) > 1 else [])
+        panels = plot_panels(task_rows)
         fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
         for ax, (axis, fixed) in zip(axes[0], panels):
             for method in dict.fromkeys(r["method"] for r in task_rows):

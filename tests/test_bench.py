@@ -115,6 +115,21 @@ def test_mean_interval():
     assert all(np.isnan(bench.mean_interval([])))
 
 
+def test_plot_panels_follow_the_sweep():
+    def rows(cells):
+        return [{"sites": n, "budget": b} for n, b in cells]
+
+    # The main sweep: budgets at one site count.
+    assert bench.plot_panels(rows([(50, 1000), (50, 5000)])) == [("budget", 50)]
+    # The site-count sweep: one budget, several site counts; no single-point budget panels.
+    assert bench.plot_panels(rows([(n, 5000) for n in (1, 10, 50)])) == [("sites", 5000)]
+    # Both sweeps together, as the protocol runs them.
+    both = rows([(50, 1000), (50, 5000), (50, 10000), (1, 5000), (10, 5000)])
+    assert bench.plot_panels(both) == [("budget", 50), ("sites", 5000)]
+    # A single cell still gets its panel.
+    assert bench.plot_panels(rows([(5, 200)])) == [("budget", 5)]
+
+
 def test_table_groups_and_counts_rejections():
     rows = [
         {"task": "two_moons", "sites": 50, "method": m, "budget": b, "c2st_joint": 0.6 + 0.01 * i,
