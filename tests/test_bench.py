@@ -156,3 +156,15 @@ def test_lf_rounds_trains_one_estimator_per_observation(tmp_path):
     assert 0.0 <= rows[0]["c2st_joint"] <= 1.0
     assert [f for f in os.listdir(tmp_path / "cache") if f.startswith("est_")][0].count("_obs0_") == 1
     assert "| gaussian_linear | 5 | lf-rounds | 200 | 1 | 200 |" in out
+
+
+def test_precondition_setting_reaches_the_lf_strategy():
+    import dataclasses
+
+    from hierdsl.runtime import lf
+
+    assert bench.strategy(bench.QUICK, "lf").precondition == lf.PRECONDITION
+    on = dataclasses.replace(bench.QUICK, precondition=True)
+    assert bench.strategy(on, "lf").precondition is True
+    # A different setting is a different estimator in the cache and a different row.
+    assert on.training_key() != bench.QUICK.training_key()
