@@ -164,8 +164,8 @@ SURROGATES = 4
 # the prior) x | mu, sigma at sigma = 0.1 is 0.07 standardised units wide, and the four trained
 # members' draws there came out 1.06-2.59 times too wide and biased by up to 0.6 sigma, at sigma =
 # 0.03 2.8-7.1 times and up to 5.6 sigma, with 16 or 64 flow steps alike: the network, not the
-# integration. So the surrogate's flow works in preconditioned observations instead,
-# z = (y - loc(c)) / scale(c), loc and log scale linear in the standardised conditioning tokens c
+# integration. With `LF(precondition=True)` the surrogate's flow works in preconditioned
+# observations instead, z = (y - loc(c)) / scale(c), loc and log scale linear in the standardised conditioning tokens c
 # and fitted to the simulations by iteratively reweighted least squares (`Normaliser.fit(...,
 # observed=...)`). Where the likelihood is a location-scale family in them (Gaussian Linear: loc =
 # mu, log scale = log sigma) z is standard normal at every c; elsewhere it is a first-order
@@ -266,6 +266,12 @@ class Normaliser(eqx.Module):
     centred on their median, scaled by their robust sd (IQR / 1.349) and squashed,
     `z = asinh((x - median) / scale)`: linear in the bulk, logarithmic in the tails, and a smooth
     bijection, so flows in z are flows in x with the Jacobian `target_log_jacobian` accounts for.
+
+    With `observed` (per-site positions of the observation tokens; `fit(..., observed=...)`), those
+    tokens are then preconditioned, `(z - loc) / exp(log_scale)`, where loc and log_scale are
+    linear in each site's standardised features (the globals, the site's other tokens and a
+    constant; `observed_loc`, `observed_log_scale`). Only the surrogate's tokens are; see
+    `PRECONDITION` and `without_preconditioning`.
     """
 
     global_mean: Float[Array, " globals"]
