@@ -350,6 +350,19 @@ class Normaliser(eqx.Module):
         return (features @ self.observed_loc,
                 jnp.clip(features @ self.observed_log_scale, *PRECONDITION_LOG_SCALE))
 
+    def _unprecondition(self, tokens: Tokens):
+        """Normalised site tokens with the observations' preconditioning undone, and its log scale
+        per site token (zero where nothing is preconditioned)."""
+        site_values = tokens.site_values
+        log_jacobian = jnp.zeros_like(site_values)
+        if self.observed:
+            # The features are conditioning tokens, which the preconditioning leaves unchanged.
+            loc, log_scale = self._loc_log_scale(tokens.global_values, site_values)
+            index = np.asarray(self.observed)
+            log_jacobian = log_jacobian.at[..., index].set(log_scale)
+            site_values = site_values.at[..., index].set(site_values[..., index] * jnp.exp(log_scale) + loc)
+        return site_values, log_jacobian
+
     def forward(self, tokens: Tokens) -> Tokens:
         mask = tokens.site_mask[..., None]
         global_values = _squash((tokens.global_values - self.global_mean) / self.global_scale, self.global_squash)
@@ -367,12 +380,7 @@ class Normaliser(eqx.Module):
 
     def inverse(self, tokens: Tokens) -> Tokens:
         mask = tokens.site_mask[..., None]
-        site_values = tokens.site_values
-        if self.observed:
-            # The features are conditioning tokens, which the preconditioning leaves unchanged.
-            loc, log_scale = self._loc_log_scale(tokens.global_values, site_values)
-            index = np.asarray(self.observed)
-            site_values = site_values.at[..., index].set(site_values[..., index] * jnp.exp(log_scale) + loc)
+        site_values, _ = self._unprecondition(tokens)
         return Tokens(
             _unsquash(tokens.global_values, self.global_squash) * self.global_scale + self.global_mean,
             (_unsquash(site_values, self.site_squash) * self.site_scale + self.site_mean) * mask,
@@ -384,13 +392,7 @@ class Normaliser(eqx.Module):
         """log |d x / d z| summed over the real target entries of one example's normalised
         `tokens`: the log-Jacobian of `inverse` (log scale, plus log cosh where squashed, plus the
         preconditioning's log scale)."""
-        site_values = tokens.site_values
-        log_jacobian = jnp.zeros_like(site_values)
-        if self.observed:
-            loc, log_scale = self._loc_log_scale(tokens.global_values, site_values)
-            index = np.asarray(self.observed)
-            log_jacobian = log_jacobian.at[..., index].set(log_scale)
-            site_values = site_values.at[..., index].set(site_values[..., index] * jnp.exp(log_scale) + loc)
+        site_values, log_jacobian = self._unprecondition(tokens)
         g = (jnp.log(self.global_scale) + self.global_squash * _log_cosh(tokens.global_values)) * split.global_target
         s = (jnp.log(self.site_scale) + self.site_squash * _log_cosh(site_values) + log_jacobian) * split.site_target
         return jnp.sum(g) + jnp.sum(s * tokens.site_mask[:, None])
