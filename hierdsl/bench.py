@@ -110,7 +110,7 @@ class Settings:
     depth: int = 2
     num_synthetic: Optional[int] = None  # LF's synthetic data sets; None: the library default
     batch_size: Optional[int] = None  # the posterior network's batch; None: the library default
-    precondition: Optional[bool] = None  # LF's surrogate preconditioning; None: the library default
+    precondition: Optional[str] = None  # LF's surrogate preconditioning, "network", "linear" or "off"; None: the library default
     c2st_steps: int = 1000
     c2st_width: int = 256  # cap on the classifiers' hidden width (sbibm: 10 · dim)
     lc2st_pairs: int = 1000
@@ -146,7 +146,8 @@ def strategy(settings: Settings, method: str):
         posterior_training = dataclasses.replace(posterior_training, batch_size=settings.batch_size)
     if method == "direct":
         return lf.Direct(posterior=net, posterior_training=posterior_training)
-    extra = {} if settings.precondition is None else {"precondition": settings.precondition}
+    extra = {} if settings.precondition is None else {
+        "precondition": None if settings.precondition == "off" else settings.precondition}
     return lf.LF(surrogate=net, posterior=net, surrogate_training=surrogate_training,
                  posterior_training=posterior_training, num_synthetic=settings.num_synthetic, **extra)
 
@@ -547,8 +548,8 @@ def cmd_bench(ns) -> int:
         value = getattr(ns, field)
         if value is not None:
             changes[field] = value
-    if ns.precondition:
-        changes["precondition"] = True
+    if ns.precondition is not None:
+        changes["precondition"] = ns.precondition
     settings = dataclasses.replace(base, **changes)
     if settings.observations < 1 or any(b < 10 for b in settings.budgets) or any(n < 1 for n in settings.sites):
         raise UserError("--observations and --sites must be at least 1, --budgets at least 10")
@@ -581,9 +582,10 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, help="the posterior network's training epochs (default: the library's)")
     p.add_argument("--batch-size", type=int, help="the posterior network's batch size (default: the library's)")
     p.add_argument("--rounds", type=int, help="rounds of the lf-rounds method (default 2)")
-    p.add_argument("--precondition", action="store_true",
-                   help="LF's surrogate learns the observations' residuals from a linear location-scale fit "
-                        "(lf.LF(precondition=True); off by default)")
+    p.add_argument("--precondition", nargs="?", const="network", choices=("network", "linear", "off"),
+                   help="how LF's surrogate sees the observations: as residuals standardised by a location-scale "
+                        "network (network, the value without an argument) or linear fit (linear) fitted first, "
+                        "or as they are (off); default: the library's (lf.PRECONDITION)")
     p.add_argument("--seed", type=int, help="seed of the observations and the training (default 0)")
     p.add_argument("-o", "--output", default="bench", help="output folder, with its cache (default ./bench)")
     p.add_argument("--report-only", action="store_true",

@@ -61,7 +61,7 @@ def _strategy_from_json(obj: dict):
     cls = {"lf": lf.LF, "direct": lf.Direct}[name]
     nested = {"surrogate": lf.NetworkConfig, "posterior": lf.NetworkConfig,
               "surrogate_training": lf.TrainConfig, "posterior_training": lf.TrainConfig,
-              "sampler": lf.SamplerConfig}
+              "sampler": lf.SamplerConfig, "preconditioner": lf.PreconditionerConfig}
     kwargs = {k: (nested[k](**v) if k in nested and isinstance(v, dict) else v) for k, v in obj.items()}
     # Files written before the fields existed drew their site counts uniformly and gave the
     # posterior network the locals as they are (centred).
@@ -70,8 +70,19 @@ def _strategy_from_json(obj: dict):
     if cls is lf.LF:
         # Files from before these settings existed were trained without them.
         kwargs.setdefault("surrogates", 1)
-        kwargs.setdefault("precondition", False)
+        kwargs.setdefault("precondition", None)
+        # Files from before the network preconditioner wrote a flag, and theirs was linear.
+        if isinstance(kwargs["precondition"], bool):
+            kwargs["precondition"] = "linear" if kwargs["precondition"] else None
     return cls(**kwargs)
+
+
+def _network_shape(net) -> Optional[dict]:
+    if net is None:
+        return None
+    mlp = net.mlp
+    return {"features": int(mlp.in_size), "observations": int(net.observations), "width": int(mlp.width_size),
+            "depth": int(mlp.depth)}
 
 
 def save_estimator(path: str, estimator) -> None:
@@ -103,6 +114,8 @@ def save_estimator(path: str, estimator) -> None:
             "squash": True,  # the heavy-tail flags follow the six affine arrays
             # the preconditioned observation tokens; their two weight matrices follow the flags
             "observed": list(trained.normaliser.observed),
+            # with a network preconditioner, its size (it follows the flags in place of the weights)
+            "observed_network": _network_shape(trained.normaliser.observed_net),
         },
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
@@ -171,7 +184,12 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
     # Files written before heavy-tailed tokens were squashed hold the six affine arrays only.
     normaliser = lf.Normaliser(*affine, *squash) if shapes.get("squash") else affine
     observed = tuple(int(i) for i in shapes.get("observed", ()))
-    if observed:
+    network = shapes.get("observed_network")
+    if network:
+        net = lf.Preconditioner(network["features"], network["observations"], network["width"], network["depth"],
+                                jr.key(0))
+        normaliser = lf.Normaliser(*affine, *squash, observed=observed, observed_net=net)
+    elif observed:
         features = shapes["globals"] + shapes["tokens"] - len(observed) + 1
         weights = jnp.zeros((features, len(observed)), jnp.float32)
         normaliser = lf.Normaliser(*affine, *squash, weights, weights, observed)

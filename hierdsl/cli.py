@@ -128,13 +128,17 @@ def _truth_path(path: str) -> str:
 def _strategy(ns: argparse.Namespace):
     from hierdsl.runtime import lf
 
+    precondition = getattr(ns, "precondition", None)
+    if precondition is not None and ns.method == "direct":
+        raise UserError("--precondition needs --method lf (the direct method has no surrogate)")
+    extra = {} if precondition is None else {"precondition": None if precondition == "off" else precondition}
     if not ns.epochs:
-        return lf.Direct() if ns.method == "direct" else lf.LF()
+        return lf.Direct() if ns.method == "direct" else lf.LF(**extra)
     surrogate = dataclasses.replace(lf.TrainConfig(), max_epochs=ns.epochs)
     posterior = dataclasses.replace(lf.POSTERIOR_TRAINING, max_epochs=ns.epochs)
     if ns.method == "direct":
         return lf.Direct(posterior_training=posterior)
-    return lf.LF(surrogate_training=surrogate, posterior_training=posterior)
+    return lf.LF(surrogate_training=surrogate, posterior_training=posterior, **extra)
 
 
 def _train(ns: argparse.Namespace, model, progress, output: str, data=None):
@@ -255,6 +259,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sites", type=int, default=None, help="largest site count served (default: the model's)")
     p.add_argument("--epochs", type=int, default=None,
                    help="most training epochs per network (default 200 surrogate, early-stopped; 80 posterior, cosine-annealed)")
+    p.add_argument("--precondition", choices=("network", "linear", "off"), default=None,
+                   help="how the lf surrogate sees the observations: standardised by a location-scale network "
+                        "fitted first (network), by a linear fit (linear), or as they are (off); "
+                        "default: the library's (network)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -164,7 +164,9 @@ def test_precondition_setting_reaches_the_lf_strategy():
     from hierdsl.runtime import lf
 
     assert bench.strategy(bench.QUICK, "lf").precondition == lf.PRECONDITION
-    on = dataclasses.replace(bench.QUICK, precondition=True)
-    assert bench.strategy(on, "lf").precondition is True
+    on = dataclasses.replace(bench.QUICK, precondition="linear")
+    assert bench.strategy(on, "lf").precondition == "linear"
+    off = dataclasses.replace(bench.QUICK, precondition="off")
+    assert bench.strategy(off, "lf").precondition is None
     # A different setting is a different estimator in the cache and a different row.
     assert on.training_key() != bench.QUICK.training_key()

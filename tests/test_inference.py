@@ -137,7 +137,8 @@ def test_files_from_before_heavy_tail_squashing_load_with_affine_tokens(counted_
     eqx.tree_serialise_leaves(buffer, (affine, trained.posterior, trained.surrogate))
     payload = buffer.getvalue()
     del header["normaliser_shapes"]["squash"], header["normaliser_shapes"]["observed"]
-    del header["strategy"]["precondition"]
+    del header["strategy"]["precondition"], header["strategy"]["preconditioner"]
+    del header["normaliser_shapes"]["observed_network"]
     header.update(payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
     head = json.dumps(header, sort_keys=True).encode("utf-8")
     old_path = tmp_path / "old.hsbe"
@@ -212,9 +213,27 @@ def test_interrupted_train_resumes_without_new_simulations(tmp_path, monkeypatch
         assert main(args) == 0
     assert "reusing 120 simulator calls" in err.getvalue()
     assert "reusing the network trained by the interrupted run" in err.getvalue()
+    assert "precondition: network location-scale fit of the observations" in err.getvalue()
     header, _ = read_header(out)
     assert header["simulator_calls"] == 120
     assert not os.path.exists(out + ".partial")
+
+
+def test_cli_precondition_option_sets_the_strategy(tmp_path):
+    from hierdsl.cli import _strategy, build_parser
+
+    def strategy(*args):
+        return _strategy(build_parser().parse_args(["train", "m.hsbi", "-o", "e.hsbe", *args]))
+
+    assert strategy().precondition == lf.PRECONDITION == "network"
+    assert strategy("--precondition", "off").precondition is None
+    assert strategy("--precondition", "linear", "--epochs", "3").precondition == "linear"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", os.path.join(EXAMPLES, "gaussian_linear.hsbi"), "--method", "direct",
+                     "--precondition", "network", "-o", str(tmp_path / "e.hsbe")])
+    assert code == 1 and "--precondition needs --method lf" in err.getvalue()
+    assert not os.listdir(tmp_path)
 
 
 SCALED = """
@@ -278,22 +297,47 @@ end
         hierdsl.fit(model, budget=100, key=jax.random.key(0), strategy=TINY_LF)
 
 
-def test_preconditioned_surrogate_trains_saves_and_loads(tmp_path):
-    """`LF(precondition=True)`: the normaliser carries the fitted preconditioning of the
+@pytest.mark.parametrize("kind", ["network", "linear"])
+def test_preconditioned_surrogate_trains_saves_and_loads(tmp_path, kind):
+    """`LF(precondition=...)`: the normaliser carries the fitted preconditioning of the
     observations, and a saved estimator loads with it and draws the same synthetic data."""
+    import equinox as eqx
+
     model = hierdsl.compile(os.path.join(EXAMPLES, "gaussian_linear.hsbi"), args={"n_sites": 4})
-    strategy = dataclasses.replace(TINY_LF, precondition=True)
+    strategy = dataclasses.replace(TINY_LF, precondition=kind,
+                                   preconditioner=lf.PreconditionerConfig(width=16, depth=1, steps=200))
     estimator = hierdsl.fit(model, budget=150, key=jax.random.key(2), strategy=strategy)
     norm = estimator.trained.normaliser
     layout1 = lf.TokenLayout.from_ir(model.ir, max_sites=1)
     assert norm.observed == lf.observed_tokens(layout1, estimator.lowered) != ()
-    assert np.any(np.asarray(norm.observed_loc) != 0.0)
+    if kind == "network":
+        assert norm.observed_loc is None
+        # Fitted, not the identity (on Gaussian Linear the linear start is exact, so the MLP may stay zero).
+        assert np.any(np.asarray(norm.observed_net.linear) != 0.0)
+    else:
+        assert norm.observed_net is None and np.any(np.asarray(norm.observed_loc) != 0.0)
     path = str(tmp_path / "pre.hsbe")
     estimator.save(path)
     again = load(path, model)
-    assert again.strategy.precondition and again.trained.normaliser.observed == norm.observed
-    np.testing.assert_array_equal(again.trained.normaliser.observed_log_scale, norm.observed_log_scale)
+    assert again.strategy == strategy and again.trained.normaliser.observed == norm.observed
+    for a, b in zip(jax.tree.leaves(eqx.filter(norm, eqx.is_array)), jax.tree.leaves(eqx.filter(again.trained.normaliser, eqx.is_array))):
+        np.testing.assert_array_equal(a, b)
     split1 = lf.surrogate_split(layout1, estimator.lowered)
     pools = [lf.synthetic_pool(estimator.lowered, e.trained.surrogate, split1, e.trained.normaliser,
                                jax.random.key(3), 8, 4, lf.SamplerConfig(num_steps=4)) for e in (estimator, again)]
     np.testing.assert_array_equal(pools[0].site_values, pools[1].site_values)
+    if kind == "linear":
+        # A file from before the network preconditioner: a flag (True meant linear), no preconditioner settings.
+        import hashlib, json, struct
+
+        from hierdsl.checkpoint import MAGIC, read_header
+
+        header, payload = read_header(path)
+        header["strategy"]["precondition"] = True
+        del header["strategy"]["preconditioner"], header["normaliser_shapes"]["observed_network"]
+        head = json.dumps(header, sort_keys=True).encode("utf-8")
+        old_path = tmp_path / "old.hsbe"
+        old_path.write_bytes(MAGIC + struct.pack("<Q", len(head)) + head + payload)
+        old = load(str(old_path), model)
+        assert old.strategy.precondition == "linear"
+        np.testing.assert_array_equal(old.trained.normaliser.observed_loc, norm.observed_loc)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import jax.numpy as jnp
+import pytest
 
 from hierdsl.runtime import lf
 from hierdsl.runtime.tokens import TokenLayout, Tokens, target_mask
@@ -122,10 +123,10 @@ def _location_scale_sims(n=20000, seed=3):
     return g, np.concatenate([m, x], axis=2), np.ones((n, 1))
 
 
-def test_preconditioning_whitens_a_location_scale_likelihood():
+def test_linear_preconditioning_whitens_a_location_scale_likelihood():
     g, sites, mask = _location_scale_sims()
     tokens = _tokens(g, sites, mask)
-    norm = lf.Normaliser.fit(tokens, observed=(1,))
+    norm = lf.Normaliser.fit(tokens, observed=(1,), precondition="linear")
     z = np.asarray(norm.forward(tokens).site_values[:, 0, 1])
     # Standard normal at every noise scale (the noise sd spans a factor of about e^4 here).
     for part in (g[:, 0] < -1.0, np.abs(g[:, 0]) < 0.5, g[:, 0] > 1.0):
@@ -137,20 +138,90 @@ def test_preconditioning_whitens_a_location_scale_likelihood():
     np.testing.assert_allclose(norm.without_preconditioning().forward(tokens).site_values, lf.Normaliser.fit(tokens).forward(tokens).site_values, atol=1e-6)
 
 
-def test_posterior_normaliser_drops_the_preconditioning():
+# A small network preconditioner, so that the tests fit it in a second or two.
+SMALL = lf.PreconditionerConfig(width=32, depth=2, steps=1500)
+
+
+def _nonlinear_sims(n=20000, seed=5):
+    """A global g (a log scale), per site a local m and an observation x = 3 tanh(2 m) + exp(g) ε:
+    a location far from linear in m."""
+    rng = np.random.default_rng(seed)
+    g = 0.7 * rng.normal(size=(n, 1))
+    m = rng.normal(size=(n, 1, 1))
+    x = 3.0 * np.tanh(2.0 * m) + np.exp(g)[:, :, None] * rng.normal(size=(n, 1, 1))
+    return g, np.concatenate([m, x], axis=2), np.ones((n, 1))
+
+
+def _worst_whitening(z, g, m):
+    """The largest |mean| and |sd - 1| of z over a grid of cells in (g, m)."""
+    worst_mean = worst_sd = 0.0
+    for g_part in (g < -0.5, np.abs(g) < 0.3, g > 0.5):
+        for m_part in (m < -1.0, np.abs(m) < 0.15, (m > 0.4) & (m < 0.8), m > 1.0):
+            cell = z[g_part & m_part]
+            worst_mean, worst_sd = max(worst_mean, abs(cell.mean())), max(worst_sd, abs(cell.std() - 1.0))
+    return worst_mean, worst_sd
+
+
+def test_network_preconditioning_whitens_a_nonlinear_location_scale_likelihood():
+    import jax
+
+    g, sites, mask = _nonlinear_sims()
+    tokens = _tokens(g, sites, mask)
+    norm = lf.Normaliser.fit(tokens, observed=(1,), key=jax.random.key(0), config=SMALL)
+    assert norm.observed == (1,) and norm.observed_net is not None
+    z = np.asarray(norm.forward(tokens).site_values[:, 0, 1])
+    worst_mean, worst_sd = _worst_whitening(z, g[:, 0], sites[:, 0, 0])
+    assert worst_mean < 0.2 and worst_sd < 0.2, (worst_mean, worst_sd)
+    # The linear fit cannot follow tanh: it leaves some cells far from standard normal.
+    linear = lf.Normaliser.fit(tokens, observed=(1,), precondition="linear")
+    z_linear = np.asarray(linear.forward(tokens).site_values[:, 0, 1])
+    assert max(_worst_whitening(z_linear, g[:, 0], sites[:, 0, 0])) > 0.5
+    back = norm.inverse(norm.forward(tokens))
+    np.testing.assert_allclose(back.site_values, tokens.site_values, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(norm.without_preconditioning().forward(tokens).site_values,
+                               lf.Normaliser.fit(tokens).forward(tokens).site_values, atol=1e-6)
+
+
+def test_network_preconditioner_is_reproducible_from_its_key():
+    import jax
+
+    g, sites, mask = _nonlinear_sims(n=2000)
+    tokens = _tokens(g, sites, mask)
+    fits = [lf.Normaliser.fit(tokens, observed=(1,), key=jax.random.key(k), config=SMALL) for k in (1, 1, 2)]
+    z = [np.asarray(f.forward(tokens).site_values) for f in fits]
+    np.testing.assert_array_equal(z[0], z[1])
+    assert not np.array_equal(z[0], z[2])
+
+
+def test_unknown_preconditioning_kind_is_refused():
+    import pytest
+
+    g, sites, mask = _location_scale_sims(n=200)
+    with pytest.raises(ValueError, match="'network' or 'linear'"):
+        lf.Normaliser.fit(_tokens(g, sites, mask), observed=(1,), precondition="cubic")
+    with pytest.raises(ValueError, match="precondition must be one of"):
+        lf.LF(precondition="cubic")
+    assert lf.LF(precondition=True).precondition == "network" and lf.LF(precondition=False).precondition is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "network"])
+def test_posterior_normaliser_drops_the_preconditioning(kind):
     g, sites, mask = _location_scale_sims(n=2000)
-    norm = lf.Normaliser.fit(_tokens(g, sites, mask), observed=(1,))
+    norm = lf.Normaliser.fit(_tokens(g, sites, mask), observed=(1,), precondition=kind, config=SMALL)
     assert norm.observed == (1,)
-    assert lf.posterior_normaliser(norm, _layout(), ()).observed == ()
+    plain = lf.posterior_normaliser(norm, _layout(), ())
+    assert plain.observed == () and plain.observed_net is None and plain.observed_loc is None
 
 
-def test_target_log_jacobian_counts_the_preconditioning():
+@pytest.mark.parametrize("kind", ["linear", "network"])
+def test_target_log_jacobian_counts_the_preconditioning(kind):
     rng = np.random.default_rng(4)
     n = 2000
     g = rng.normal(size=(n, 2))
     c = rng.normal(size=(n, 3, 1))
     d = c + np.exp(g[:, :1])[:, :, None] * rng.normal(size=(n, 3, 1))
-    norm = lf.Normaliser.fit(_tokens(g, np.concatenate([c, d], axis=2), np.ones((n, 3))), observed=(1,))
+    norm = lf.Normaliser.fit(_tokens(g, np.concatenate([c, d], axis=2), np.ones((n, 3))), observed=(1,),
+                             precondition=kind, config=SMALL)
     layout = _layout()
     split = layout.split(target=("d",))  # the surrogate's view: the observation is the target
     _assert_log_jacobian_matches(norm, layout, split, [1.2, -0.4])

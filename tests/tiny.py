@@ -7,7 +7,8 @@ from hierdsl.runtime import lf
 TINY_NET = lf.NetworkConfig(width=32, depth=1, num_heads=2)
 TINY_TRAIN = lf.TrainConfig(batch_size=64, max_epochs=4, patience=4, steps_per_epoch=10)
 TINY_LF = lf.LF(surrogate=TINY_NET, posterior=TINY_NET, surrogate_training=TINY_TRAIN,
-                posterior_training=TINY_TRAIN, num_synthetic=64, sampler=lf.SamplerConfig(num_steps=4), surrogates=1)
+                posterior_training=TINY_TRAIN, num_synthetic=64, sampler=lf.SamplerConfig(num_steps=4), surrogates=1,
+                preconditioner=lf.PreconditionerConfig(width=16, depth=1, steps=100))
 TINY_DIRECT = lf.Direct(posterior=TINY_NET, posterior_training=TINY_TRAIN)
 
 
