@@ -48,6 +48,16 @@ Values = dict[str, Array]
 # ----------------------------------------------------------------------------- configuration
 
 
+# Few tokens: one dense masked product beats many small per-site ones; many tokens: blockwise,
+# linear in the number of sites. One training gradient of the default posterior network at batch
+# 128 on a 2-core CPU, dense time over blockwise (`python benchmarks/attention.py --batch 128
+# --sites 4 8 16 24 32 50`, and `--model examples/sir.hsbi --sites 3 5 10`; 2026-12-06, jax 0.10):
+# Gaussian Linear 0.83 at 9 tokens, 0.94 at 17, 0.77 at 33, 1.03 at 49, 1.34 at 65, 1.35 at 101;
+# SIR (11 tokens a site) 0.93 at 34, 1.11 at 56, 1.55 at 111. The threshold was 128 until then,
+# which put Gaussian Linear at 50 sites and SIR at 10 on the slower, dense path.
+DENSE_ATTENTION_MAX_TOKENS = 48
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Size of a TFMPE transformer."""
@@ -60,10 +70,8 @@ class NetworkConfig:
     def build(self, layout: TokenLayout, key: PRNGKeyArray) -> TokenTransformer:
         attention = self.attention
         if attention == "auto":
-            # Few tokens: one dense product beats many small per-site ones (measured on CPU,
-            # benchmarks/attention.py); many tokens: blockwise, linear in the number of sites.
             tokens = layout.num_global_tokens + layout.max_sites * layout.tokens_per_site
-            attention = "dense" if tokens <= 128 else "blockwise"
+            attention = "dense" if tokens <= DENSE_ATTENTION_MAX_TOKENS else "blockwise"
         return TokenTransformer(layout, width=self.width, depth=self.depth, num_heads=self.num_heads,
                                 attention=attention, key=key)
 

@@ -6,15 +6,17 @@ flat interface `vf(t, x, context) -> dx/dt`.
 
 Each token is embedded as the sum of its value (linear), variable label, position within the
 variable, target/conditioning type, flow time (sinusoidal features) and, where it has one, its
-functional coordinate (fixed random Fourier features). Pre-LN transformer blocks follow, with
-attention structured by the hierarchy: a site token attends to its own site's tokens and the global
+functional coordinate (fixed random Fourier features). The tokens then pass as one array (the
+globals, then every site's tokens row-major) through pre-LN transformer blocks, with attention
+structured by the hierarchy: a site token attends to its own site's tokens and the global
 tokens; a global token attends to every global token and every real site token. Sites have no
 index embedding, so permuting sites permutes site outputs and leaves global outputs unchanged.
 
 `attention="blockwise"` computes that pattern without materialising it: site queries `(S, T)` meet
 keys `[own site's T, G globals]`, batched over sites, O(S·T·(T+G)); global queries meet keys
 `[G globals, S·T site tokens]`, O(G·(G+S·T)). `attention="dense"` builds the full (G+S·T)² masked
-attention; it gives the same numbers and exists to check and compare against.
+attention; it gives the same numbers and is faster while there are few tokens (`lf.NetworkConfig`
+picks it below 129 tokens).
 """
 
 from __future__ import annotations
@@ -102,69 +104,78 @@ class HierarchicalAttention(eqx.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}; "
                              f"choose a width that is a multiple of the number of heads")
 
-    def _heads(self, projection: Affine, x: Float[Array, "*tokens width"]) -> Float[Array, "*tokens heads head_dim"]:
-        y = projection(x)
-        return y.reshape(*y.shape[:-1], self.num_heads, -1)
-
-    def __call__(
-        self,
-        global_x: Float[Array, "globals width"],
-        site_x: Float[Array, "sites tokens width"],
-        global_keys: Bool[Array, " globals"],
-        site_keys: Bool[Array, "sites tokens"],
-        mode: AttentionMode,
-    ) -> tuple[Float[Array, "globals width"], Float[Array, "sites tokens width"]]:
-        """Attend; `global_keys`/`site_keys` say which tokens may be attended to (others are masked)."""
-        q_g, k_g, v_g = (self._heads(p, global_x) for p in (self.query, self.key, self.value))
-        q_s, k_s, v_s = (self._heads(p, site_x) for p in (self.query, self.key, self.value))
-        attend = _blockwise if mode == "blockwise" else _dense
-        out_g, out_s = attend(q_g, k_g, v_g, q_s, k_s, v_s, global_keys, site_keys)
-        return self.output(_merge_heads(out_g)), self.output(_merge_heads(out_s))
+    def __call__(self, x: Float[Array, "tokens width"], keys: "_AttentionKeys") -> Float[Array, "tokens width"]:
+        """Attend over one example's token array (globals first, then the sites' tokens row-major)."""
+        # One product for the three projections: on a CPU, three narrow matrix products (and their
+        # three gradients) cost more than one three times as wide.
+        weight = jnp.concatenate([self.query.weight, self.key.weight, self.value.weight], axis=1)
+        bias = jnp.concatenate([self.query.bias, self.key.bias, self.value.bias])
+        q, k, v = jnp.split((x @ weight + bias).reshape(x.shape[0], 3 * self.num_heads, -1), 3, axis=1)
+        attend = _dense if keys.mode == "dense" else _blockwise
+        return self.output(_merge_heads(attend(q, k, v, keys)))
 
 
 def _merge_heads(y: Float[Array, "*tokens heads head_dim"]) -> Float[Array, "*tokens width"]:
     return y.reshape(*y.shape[:-2], -1)
 
 
-def _blockwise(q_g, k_g, v_g, q_s, k_s, v_s, global_keys, site_keys):
+class _AttentionKeys(eqx.Module):
+    """Which tokens each token may attend to, made once per forward pass and shared by the blocks.
+
+    `global_keys` / `site_keys` say which tokens may be attended to at all (left-out tokens and
+    padded sites may not); `dense_mask` is the full (G+S·T)² pattern, built only in dense mode.
+    """
+
+    global_keys: Bool[Array, " globals"]
+    site_keys: Bool[Array, "sites tokens"]
+    dense_mask: Bool[Array, "tokens tokens"] | None
+    mode: AttentionMode = field(static=True)
+
+    @staticmethod
+    def make(global_keys, site_keys, mode: AttentionMode) -> "_AttentionKeys":
+        if mode != "dense":
+            return _AttentionKeys(global_keys, site_keys, None, mode)
+        num_sites, tokens = site_keys.shape
+        # Group −1 is global; a query sees keys of its own group, and any global sees / is seen by all.
+        group = np.concatenate([np.full(global_keys.shape[0], -1), np.repeat(np.arange(num_sites), tokens)])
+        is_global = group < 0
+        allowed = (group[:, None] == group[None, :]) | is_global[:, None] | is_global[None, :]
+        mask = allowed & jnp.concatenate([global_keys, site_keys.reshape(-1)])[None, :]
+        return _AttentionKeys(global_keys, site_keys, mask, mode)
+
+
+def _blockwise(q, k, v, keys: _AttentionKeys):
     """Hierarchical attention in O(S·T·(T+G) + G·(G+S·T)): no site × site logits are formed."""
-    num_sites, tokens, num_heads, head_dim = q_s.shape
-    num_globals = q_g.shape[0]
+    num_sites, tokens = keys.site_keys.shape
+    num_globals = keys.global_keys.shape[0]
+    _, num_heads, head_dim = q.shape
+    q_g, k_g, v_g = q[:num_globals], k[:num_globals], v[:num_globals]
+    q_s, k_s, v_s = (y[num_globals:].reshape(num_sites, tokens, num_heads, head_dim) for y in (q, k, v))
+    k_flat, v_flat = k[num_globals:], v[num_globals:]
     scale = 1.0 / math.sqrt(head_dim)
     # Site queries: keys are the own site's tokens, then the globals (broadcast, not copied).
     logits = jnp.concatenate([jnp.einsum("sqhc,skhc->shqk", q_s, k_s),
                               jnp.einsum("sqhc,khc->shqk", q_s, k_g)], axis=-1) * scale
-    mask = jnp.concatenate([site_keys[:, None, None, :],
-                            jnp.broadcast_to(global_keys, (num_sites, 1, 1, num_globals))], axis=-1)
+    mask = jnp.concatenate([keys.site_keys[:, None, None, :],
+                            jnp.broadcast_to(keys.global_keys, (num_sites, 1, 1, num_globals))], axis=-1)
     weights = _masked_softmax(logits, mask)
     out_s = (jnp.einsum("shqk,skhc->sqhc", weights[..., :tokens], v_s)
              + jnp.einsum("shqk,khc->sqhc", weights[..., tokens:], v_g))
     # Global queries: keys are all globals, then every site token (padding masked).
-    k_flat, v_flat = (y.reshape(num_sites * tokens, num_heads, head_dim) for y in (k_s, v_s))
     logits = jnp.concatenate([jnp.einsum("qhc,khc->hqk", q_g, k_g),
                               jnp.einsum("qhc,khc->hqk", q_g, k_flat)], axis=-1) * scale
-    mask = jnp.concatenate([global_keys, site_keys.reshape(-1)])
+    mask = jnp.concatenate([keys.global_keys, keys.site_keys.reshape(-1)])
     weights = _masked_softmax(logits, jnp.broadcast_to(mask, logits.shape))
     out_g = (jnp.einsum("hqk,khc->qhc", weights[..., :num_globals], v_g)
              + jnp.einsum("hqk,khc->qhc", weights[..., num_globals:], v_flat))
-    return out_g, out_s
+    return jnp.concatenate([out_g, out_s.reshape(num_sites * tokens, num_heads, head_dim)])
 
 
-def _dense(q_g, k_g, v_g, q_s, k_s, v_s, global_keys, site_keys):
+def _dense(q, k, v, keys: _AttentionKeys):
     """Hierarchical attention as one (G+S·T)² masked attention."""
-    num_sites, tokens, num_heads, head_dim = q_s.shape
-    num_globals = q_g.shape[0]
-    q, k, v = (jnp.concatenate([g, s.reshape(num_sites * tokens, num_heads, head_dim)])
-               for g, s in ((q_g, q_s), (k_g, k_s), (v_g, v_s)))
-    # Group −1 is global; a query sees keys of its own group, and any global sees / is seen by all.
-    group = np.concatenate([np.full(num_globals, -1), np.repeat(np.arange(num_sites), tokens)])
-    is_global = group < 0
-    allowed = (group[:, None] == group[None, :]) | is_global[:, None] | is_global[None, :]
-    mask = allowed & jnp.concatenate([global_keys, site_keys.reshape(-1)])[None, :]
-    logits = jnp.einsum("qhc,khc->hqk", q, k) / math.sqrt(head_dim)
-    weights = _masked_softmax(logits, jnp.broadcast_to(mask, logits.shape))
-    out = jnp.einsum("hqk,khc->qhc", weights, v)
-    return out[:num_globals], out[num_globals:].reshape(num_sites, tokens, num_heads, head_dim)
+    logits = jnp.einsum("qhc,khc->hqk", q, k) / math.sqrt(q.shape[-1])
+    weights = _masked_softmax(logits, jnp.broadcast_to(keys.dense_mask, logits.shape))
+    return jnp.einsum("hqk,khc->qhc", weights, v)
 
 
 class TransformerBlock(eqx.Module):
@@ -184,14 +195,9 @@ class TransformerBlock(eqx.Module):
         self.mlp_in = Affine(width, mlp_width, key=in_key)
         self.mlp_out = Affine(mlp_width, width, key=out_key)
 
-    def __call__(self, global_x, site_x, global_keys, site_keys, mode: AttentionMode):
-        attended_g, attended_s = self.attention(self.attention_norm(global_x), self.attention_norm(site_x),
-                                                global_keys, site_keys, mode)
-        global_x, site_x = global_x + attended_g, site_x + attended_s
-        return global_x + self._mlp(global_x), site_x + self._mlp(site_x)
-
-    def _mlp(self, x: Float[Array, "*tokens width"]) -> Float[Array, "*tokens width"]:
-        return self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+    def __call__(self, x: Float[Array, "tokens width"], keys: _AttentionKeys) -> Float[Array, "tokens width"]:
+        x = x + self.attention(self.attention_norm(x), keys)
+        return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
 class TokenTransformer(eqx.Module):
@@ -232,7 +238,8 @@ class TokenTransformer(eqx.Module):
             layout: the token layout the network reads.
             width, depth, num_heads, mlp_ratio: model width, number of blocks, attention heads, and
                 the MLP's hidden width as a multiple of `width`.
-            attention: "blockwise" (linear in the number of sites) or "dense" (for comparison).
+            attention: "blockwise" (linear in the number of sites) or "dense" (one masked product;
+                faster for few tokens).
             time_features, coordinate_features: sinusoidal frequencies for the flow time; random
                 Fourier frequencies for functional coordinates.
             coordinate_scale: the coordinates' length scale (the random frequencies are N(0, 1/scale²)).
@@ -290,12 +297,16 @@ class TokenTransformer(eqx.Module):
             features = self.coordinate_embedding(self._coordinate_features(tokens.site_coords))
             site_x = site_x + jnp.where(layout.site_has_coord[:, None], features, 0.0)
         real_sites = tokens.site_mask > 0
-        global_keys = jnp.asarray(split.global_visible)
-        site_keys = real_sites[:, None] & split.site_visible[None, :]
+        keys = _AttentionKeys.make(jnp.asarray(split.global_visible), real_sites[:, None] & split.site_visible[None, :],
+                                   self.attention)
+        # One token array through the blocks (globals, then the sites' tokens row-major): every
+        # per-token layer is one product over all tokens rather than one for globals and one for sites.
+        num_globals, (num_sites, site_tokens) = global_x.shape[0], site_x.shape[:2]
+        x = jnp.concatenate([global_x, site_x.reshape(num_sites * site_tokens, -1)])
         for block in self.blocks:
-            global_x, site_x = block(global_x, site_x, global_keys, site_keys, self.attention)
-        global_v = self.head(self.final_norm(global_x))[:, 0]
-        site_v = self.head(self.final_norm(site_x))[..., 0]
+            x = block(x, keys)
+        velocity = self.head(self.final_norm(x))[:, 0]
+        global_v, site_v = velocity[:num_globals], velocity[num_globals:].reshape(num_sites, site_tokens)
         return (jnp.where(global_target, global_v, 0.0),
                 jnp.where(real_sites[:, None] & site_target[None, :], site_v, 0.0))
 

@@ -87,6 +87,85 @@ def test_blockwise_attention_equals_dense():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def _reference_forward(net, t, tokens, split):
+    """The network's forward pass written out in NumPy, token by token, for one example."""
+    p = jax.tree.map(np.asarray, net)
+    layout = net.layout
+
+    def affine(a, x):
+        return x @ a.weight + a.bias
+
+    def norm(n, x):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + n.eps) * n.scale + n.offset
+
+    angles = t * np.geomspace(1.0, 1000.0, net.time_features)
+    time = affine(p.time_embedding, np.concatenate([np.sin(angles), np.cos(angles)]))
+    rows, group = [], []  # one row per token; group -1 for globals, else the site index
+    for g in range(layout.num_global_tokens):
+        rows.append(affine(p.value_embedding, np.asarray(tokens.global_values)[g:g + 1])
+                    + p.label_embedding[layout.global_label[g]] + p.position_embedding[layout.global_position[g]]
+                    + p.type_embedding[int(split.global_target[g])] + time)
+        group.append(-1)
+    for s in range(layout.max_sites):
+        for k in range(layout.tokens_per_site):
+            rows.append(affine(p.value_embedding, np.asarray(tokens.site_values)[s, k:k + 1])
+                        + p.label_embedding[layout.site_label[k]] + p.position_embedding[layout.site_position[k]]
+                        + p.type_embedding[int(split.site_target[k])] + time)
+            group.append(s)
+    x = np.stack(rows)
+    visible = np.concatenate([split.global_visible, np.concatenate(
+        [split.site_visible & (np.asarray(tokens.site_mask)[s] > 0) for s in range(layout.max_sites)])])
+    for block in p.blocks:
+        a = block.attention
+        h = norm(block.attention_norm, x)
+        heads = a.num_heads
+        q, k, v = (affine(proj, h).reshape(len(x), heads, -1) for proj in (a.query, a.key, a.value))
+        out = np.zeros_like(q)
+        for i in range(len(x)):
+            allowed = [j for j in range(len(x)) if visible[j] and (group[i] < 0 or group[j] < 0 or group[i] == group[j])]
+            for head in range(heads):
+                logits = np.array([q[i, head] @ k[j, head] for j in allowed]) / np.sqrt(q.shape[-1])
+                weights = np.exp(logits - logits.max())
+                out[i, head] = (weights / weights.sum()) @ v[allowed, head]
+        x = x + affine(a.output, out.reshape(len(x), -1))
+        hidden = affine(block.mlp_in, norm(block.mlp_norm, x))
+        x = x + affine(block.mlp_out, np.asarray(jax.nn.gelu(hidden)))
+    velocity = affine(p.head, norm(p.final_norm, x))[:, 0]
+    num_globals = layout.num_global_tokens
+    return velocity[:num_globals], velocity[num_globals:].reshape(layout.max_sites, layout.tokens_per_site)
+
+
+@pytest.mark.parametrize("attention", ["blockwise", "dense"])
+def test_network_matches_a_token_by_token_reference(attention):
+    # No functional coordinates here (the reference leaves them out): `y` is dropped from the model.
+    ir = ModelIR("m", (), "i", 3, IR.variables[:4])
+    layout = TokenLayout.from_ir(ir, max_sites=3)
+    net = TokenTransformer(layout, width=8, depth=2, num_heads=2, attention=attention, time_features=4,
+                           key=jax.random.key(3))
+    data = {k: v for k, v in values(2, seed=4).items() if k != "y"}
+    tokens, split = layout.encode(data, 2), layout.split(("sigma", "mu"), ("t",))
+    global_v, site_v = forward(net, tokens, split, 0.6)
+    want_g, want_s = _reference_forward(net, 0.6, tokens, split)
+    np.testing.assert_allclose(global_v, np.where(split.global_target, want_g, 0.0), rtol=1e-4, atol=1e-5)
+    real = (np.arange(3) < 2)[:, None] & split.site_target[None, :]
+    np.testing.assert_allclose(site_v, np.where(real, want_s, 0.0), rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(site_v)[real]).min() > 0  # the comparison is not of zeros
+
+
+def test_auto_attention_is_dense_up_to_the_token_threshold_and_blockwise_beyond():
+    from hierdsl.runtime import lf
+
+    # 3 global tokens and 7 per site: 45 tokens at 6 sites, 52 at 7, around the threshold of 48.
+    for max_sites, expected in ((6, "dense"), (7, "blockwise")):
+        layout = TokenLayout.from_ir(IR, max_sites=max_sites)
+        tokens = layout.num_global_tokens + max_sites * layout.tokens_per_site
+        assert (tokens <= lf.DENSE_ATTENTION_MAX_TOKENS) == (expected == "dense"), tokens
+        net = lf.NetworkConfig(width=16, depth=1, num_heads=2).build(layout, jax.random.key(0))
+        assert net.attention == expected
+        assert lf.NetworkConfig(width=16, depth=1, num_heads=2, attention="dense").build(
+            layout, jax.random.key(0)).attention == "dense"
+
+
 def test_functional_coordinates_reach_only_their_tokens():
     # With no blocks each output depends on its own token's embedding only.
     net = network(2, depth=0)
