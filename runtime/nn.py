@@ -16,7 +16,7 @@ index embedding, so permuting sites permutes site outputs and leaves global outp
 keys `[own site's T, G globals]`, batched over sites, O(S·T·(T+G)); global queries meet keys
 `[G globals, S·T site tokens]`, O(G·(G+S·T)). `attention="dense"` builds the full (G+S·T)² masked
 attention; it gives the same numbers and is faster while there are few tokens (`lf.NetworkConfig`
-picks it below 129 tokens).
+picks it up to `lf.DENSE_ATTENTION_MAX_TOKENS`).
 """
 
 from __future__ import annotations
@@ -106,8 +106,7 @@ class HierarchicalAttention(eqx.Module):
 
     def __call__(self, x: Float[Array, "tokens width"], keys: "_AttentionKeys") -> Float[Array, "tokens width"]:
         """Attend over one example's token array (globals first, then the sites' tokens row-major)."""
-        # One product for the three projections: on a CPU, three narrow matrix products (and their
-        # three gradients) cost more than one three times as wide.
+        # The three projections as one product (fewer operations to compile; the same numbers).
         weight = jnp.concatenate([self.query.weight, self.key.weight, self.value.weight], axis=1)
         bias = jnp.concatenate([self.query.bias, self.key.bias, self.value.bias])
         q, k, v = jnp.split((x @ weight + bias).reshape(x.shape[0], 3 * self.num_heads, -1), 3, axis=1)
