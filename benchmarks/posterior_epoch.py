@@ -21,6 +21,7 @@ import jax.random as jr
 import numpy as np
 
 import hierdsl
+from hierdsl.cli import _parse_args
 from hierdsl.runtime import lf
 from hierdsl.runtime import train as training
 from hierdsl.runtime.tokens import TokenLayout, Tokens
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=3600, help="data sets in the pool")
     args = parser.parse_args()
 
-    model = hierdsl.compile(args.model, args={k: int(v) for k, v in (a.split("=", 1) for a in args.arg)})
+    model = hierdsl.compile(args.model, args=_parse_args(args.arg))
     num_sites = model.ir.num_sites
     layout = TokenLayout.from_ir(model.ir, max_sites=num_sites)
     split = lf.posterior_split(layout, model.lowered())
