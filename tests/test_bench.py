@@ -172,30 +172,37 @@ def test_precondition_setting_reaches_the_lf_strategy():
     assert on.training_key() != bench.QUICK.training_key()
 
 
-def test_lf_site_counts_share_the_single_site_stages(tmp_path):
-    """LF's simulations and surrogates do not depend on n_s: a site-count sweep trains them once."""
+def test_lf_site_counts_share_the_single_site_stages(quick_run, tmp_path):
+    """LF's simulations and surrogates do not depend on n_s: a site-count sweep trains them once.
+    Here the quick run's (5 sites) are reused for 3 sites."""
     import dataclasses
+    import shutil
 
     import jax
 
-    settings = dataclasses.replace(bench.QUICK, methods=("lf",), sites=(3, 5), observations=1, epochs=1,
-                                   surrogate_epochs=2)
-    run = bench.Bench(settings, str(tmp_path))
-    est3, _ = run.estimator("gaussian_linear", run.model("gaussian_linear", 3), 3, "lf", 200)
-    est5, _ = run.estimator("gaussian_linear", run.model("gaussian_linear", 5), 5, "lf", 200)
-    assert est3.simulator_calls == est5.simulator_calls == 200
-    assert est5.trained.max_sites == 5
-    # Reused, not re-run: the second estimator carries the first one's measured stage times and
-    # its surrogates, and refits the same normaliser from the same simulations.
-    assert est5.trained.seconds["simulate"] == est3.trained.seconds["simulate"]
-    assert est5.trained.stages["surrogate"] == est3.trained.stages["surrogate"]
+    from hierdsl.checkpoint import load
+
+    folder, code, _, _ = quick_run
+    assert code == 0
+    copy = str(tmp_path / "sites")
+    shutil.copytree(folder, copy)
+    stages = [f for f in os.listdir(os.path.join(copy, "cache")) if f.startswith("lf_single_site_")]
+    assert len(stages) == 1
+    run = bench.Bench(dataclasses.replace(bench.QUICK, sites=(3,)), copy)
+    est3, cached = run.estimator("gaussian_linear", run.model("gaussian_linear", 3), 3, "lf", 200)
+    assert not cached and est3.trained.max_sites == 3 and est3.simulator_calls == 200
+    [name] = [f for f in os.listdir(os.path.join(copy, "cache")) if f.startswith("est_gaussian_linear_5_lf_")]
+    est5 = load(os.path.join(copy, "cache", name), run.model("gaussian_linear", 5))
+    # Reused, not re-run: the simulation stage's measured time comes from the store, the
+    # surrogates are the 5-site estimator's, and the normaliser refitted from the same simulations.
+    saved = run.single_site_stages("gaussian_linear", 200).load_arrays("simulations")
+    assert est3.trained.seconds["simulate"] == float(saved["__seconds__"])
     for part in ("surrogate", "normaliser"):
         for a, b in zip(jax.tree.leaves(getattr(est3.trained, part)), jax.tree.leaves(getattr(est5.trained, part))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    stages = [f for f in os.listdir(tmp_path / "cache") if f.startswith("lf_single_site_")]
-    assert len(stages) == 1
+    assert [f for f in os.listdir(os.path.join(copy, "cache")) if f.startswith("lf_single_site_")] == stages
     # A surrogate setting keys its own stages; a posterior setting does not.
-    other = bench.Bench(dataclasses.replace(settings, surrogate_epochs=3), str(tmp_path))
-    same = bench.Bench(dataclasses.replace(settings, epochs=4), str(tmp_path))
+    other = bench.Bench(dataclasses.replace(bench.QUICK, surrogate_epochs=6), copy)
+    same = bench.Bench(dataclasses.replace(bench.QUICK, epochs=4), copy)
     assert other.single_site_stages("gaussian_linear", 200).folder != same.single_site_stages("gaussian_linear", 200).folder
-    assert same.single_site_stages("gaussian_linear", 200).folder == os.path.join(str(tmp_path), "cache", stages[0])
+    assert same.single_site_stages("gaussian_linear", 200).folder == os.path.join(copy, "cache", stages[0])
