@@ -145,7 +145,9 @@ def strategy(settings: Settings, method: str):
     if settings.surrogate_epochs:
         surrogate_training = dataclasses.replace(surrogate_training, max_epochs=settings.surrogate_epochs)
     if settings.epochs:
-        posterior_training = dataclasses.replace(posterior_training, max_epochs=settings.epochs)
+        # Its cosine schedule spans all the epochs: early stopping must not cut it short.
+        posterior_training = dataclasses.replace(posterior_training, max_epochs=settings.epochs,
+                                                 patience=max(posterior_training.patience, settings.epochs))
     if settings.batch_size:
         posterior_training = dataclasses.replace(posterior_training, batch_size=settings.batch_size)
     if method == "direct":

@@ -135,7 +135,9 @@ def _strategy(ns: argparse.Namespace):
     if not ns.epochs:
         return lf.Direct() if ns.method == "direct" else lf.LF(**extra)
     surrogate = dataclasses.replace(lf.TrainConfig(), max_epochs=ns.epochs)
-    posterior = dataclasses.replace(lf.POSTERIOR_TRAINING, max_epochs=ns.epochs)
+    # The posterior's cosine schedule spans all its epochs: early stopping must not cut it short.
+    posterior = dataclasses.replace(lf.POSTERIOR_TRAINING, max_epochs=ns.epochs,
+                                    patience=max(lf.POSTERIOR_TRAINING.patience, ns.epochs))
     if ns.method == "direct":
         return lf.Direct(posterior_training=posterior)
     return lf.LF(surrogate_training=surrogate, posterior_training=posterior, **extra)

@@ -109,3 +109,23 @@ end
     result = run("compile", str(src))
     assert result.returncode == 0
     assert "warning: global parameter `g` is never used" in result.stderr
+
+
+@pytest.mark.parametrize("epochs", [10, 80, 160])
+def test_epochs_option_keeps_the_posterior_schedule_whole(epochs):
+    """`--epochs` (train/infer) and `bench --epochs` set the posterior's cosine-annealed length;
+    early stopping (patience) must not end it before the rate has annealed, beyond 80 epochs too."""
+    import argparse
+
+    from hierdsl import bench
+    from hierdsl.cli import _strategy
+    from hierdsl.runtime import lf
+
+    for method in ("lf", "direct"):
+        cli = _strategy(argparse.Namespace(method=method, epochs=epochs, precondition=None))
+        benched = bench.strategy(bench.Settings(epochs=epochs), method)
+        for training in (cli.posterior_training, benched.posterior_training):
+            assert training.max_epochs == epochs and training.schedule == "cosine"
+            assert training.patience >= epochs
+            # Up to the default length the settings are the library's (so cached estimators stay valid).
+            assert training.patience == max(epochs, lf.POSTERIOR_TRAINING.patience)
