@@ -588,7 +588,8 @@ def cmd_bench(ns) -> int:
     command = "hierdsl bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "hierdsl bench"
     text, written = report(bench, command)
     print(text)
-    log(f"\nwrote results.md, results.jsonl and {', '.join(os.path.basename(p) for p in written)} to {ns.output}")
+    files = ["results.md", "results.jsonl", *(os.path.basename(p) for p in written)]
+    log(f"\nwrote {', '.join(files[:-1])} and {files[-1]} to {ns.output}")
     return 0
 
 

@@ -206,3 +206,10 @@ def test_lf_site_counts_share_the_single_site_stages(quick_run, tmp_path):
     same = bench.Bench(dataclasses.replace(bench.QUICK, epochs=4), copy)
     assert other.single_site_stages("gaussian_linear", 200).folder != same.single_site_stages("gaussian_linear", 200).folder
     assert same.single_site_stages("gaussian_linear", 200).folder == os.path.join(copy, "cache", stages[0])
+
+
+def test_report_only_without_rows_names_what_it_wrote(tmp_path):
+    code, out, err = run_cli("bench", "--quick", "-o", str(tmp_path), "--report-only")
+    assert code == 0, err
+    assert out.strip().startswith("| task | n_s | method") and "gaussian_linear" not in out
+    assert err.strip().endswith(f"wrote results.md and results.jsonl to {tmp_path}")
