@@ -15,7 +15,6 @@ summary line. Measures only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -44,9 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = hierdsl.compile(SIR, args={"n_sites": args.sites})
-    training = lf.POSTERIOR_TRAINING
-    if args.epochs:
-        training = dataclasses.replace(training, max_epochs=args.epochs, patience=args.epochs)
+    training = lf.POSTERIOR_TRAINING.with_max_epochs(args.epochs) if args.epochs else lf.POSTERIOR_TRAINING
     strategy = (lf.Direct(posterior_training=training) if args.method == "direct"
                 else lf.LF(posterior_training=training))
     start = time.perf_counter()

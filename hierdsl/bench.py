@@ -143,11 +143,9 @@ def strategy(settings: Settings, method: str):
     net = lf.NetworkConfig(width=settings.width, depth=settings.depth)
     surrogate_training, posterior_training = lf.TrainConfig(), lf.POSTERIOR_TRAINING
     if settings.surrogate_epochs:
-        surrogate_training = dataclasses.replace(surrogate_training, max_epochs=settings.surrogate_epochs)
+        surrogate_training = surrogate_training.with_max_epochs(settings.surrogate_epochs)
     if settings.epochs:
-        # Its cosine schedule spans all the epochs: early stopping must not cut it short.
-        posterior_training = dataclasses.replace(posterior_training, max_epochs=settings.epochs,
-                                                 patience=max(posterior_training.patience, settings.epochs))
+        posterior_training = posterior_training.with_max_epochs(settings.epochs)
     if settings.batch_size:
         posterior_training = dataclasses.replace(posterior_training, batch_size=settings.batch_size)
     if method == "direct":

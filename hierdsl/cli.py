@@ -134,10 +134,8 @@ def _strategy(ns: argparse.Namespace):
     extra = {} if precondition is None else {"precondition": None if precondition == "off" else precondition}
     if not ns.epochs:
         return lf.Direct() if ns.method == "direct" else lf.LF(**extra)
-    surrogate = dataclasses.replace(lf.TrainConfig(), max_epochs=ns.epochs)
-    # The posterior's cosine schedule spans all its epochs: early stopping must not cut it short.
-    posterior = dataclasses.replace(lf.POSTERIOR_TRAINING, max_epochs=ns.epochs,
-                                    patience=max(lf.POSTERIOR_TRAINING.patience, ns.epochs))
+    surrogate = lf.TrainConfig().with_max_epochs(ns.epochs)
+    posterior = lf.POSTERIOR_TRAINING.with_max_epochs(ns.epochs)
     if ns.method == "direct":
         return lf.Direct(posterior_training=posterior)
     return lf.LF(surrogate_training=surrogate, posterior_training=posterior, **extra)

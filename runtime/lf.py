@@ -92,6 +92,12 @@ class TrainConfig:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
 
+    def with_max_epochs(self, epochs: int) -> "TrainConfig":
+        """These settings trained for at most `epochs` epochs. A cosine schedule spans all of them,
+        so its patience grows with them: early stopping must not end it before the rate anneals."""
+        patience = max(self.patience, epochs) if self.schedule == "cosine" else self.patience
+        return dataclasses.replace(self, max_epochs=epochs, patience=patience)
+
     def optimiser(self, steps_per_epoch: Optional[int] = None):
         # The same object for the same settings: the compiled epoch holds the optimiser as a static
         # argument, so a new one would re-compile every stage and round that trains this way.

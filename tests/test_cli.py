@@ -129,3 +129,6 @@ def test_epochs_option_keeps_the_posterior_schedule_whole(epochs):
             assert training.patience >= epochs
             # Up to the default length the settings are the library's (so cached estimators stay valid).
             assert training.patience == max(epochs, lf.POSTERIOR_TRAINING.patience)
+    # The surrogate's constant rate is stopped early as before: its patience does not change.
+    surrogate = _strategy(argparse.Namespace(method="lf", epochs=epochs, precondition=None)).surrogate_training
+    assert surrogate.max_epochs == epochs and surrogate.patience == lf.TrainConfig().patience
