@@ -10,12 +10,16 @@ observation), then score its posterior draws at each observation:
 
 - C2ST against the reference on the full joint and on the globals (sbibm protocol);
 - l-C2ST (reference-free; classifiers trained once per estimator on prior simulations);
-- simulator calls and wall time of each stage.
+- simulator calls and wall time of each stage;
+
+and, once per amortised estimator, its calibration: SBC ranks and expected coverage over
+`sbc_sims` prior simulations (`hierdsl check`'s verdict per parameter group), in
+`OUT/calibration.jsonl`.
 
 Everything expensive is cached in `OUT/cache/` (observations, references, estimators), and every
 scored row is appended to `OUT/results.jsonl` as soon as it exists, so an interrupted run resumes
 where it stopped. `OUT/results.md` holds the table (mean and bootstrap 95% interval of the mean over
-the observations) and `OUT/<task>.png` the plots (C2ST against budget, and against the site count
+the observations, then the calibration table) and `OUT/<task>.png` the plots (C2ST against budget, and against the site count
 when several are run).
 """
 
@@ -33,6 +37,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from hierdsl.compiler.errors import HsbiError
+from hierdsl.diagnose import exact_coverage
 from hierdsl.files import atomic_write
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -116,6 +122,8 @@ class Settings:
     lc2st_pairs: int = 1000
     lc2st_null: int = 20
     lc2st_width: int = 64
+    sbc_sims: int = 200  # calibration of each amortised estimator: prior simulations (0: skip)
+    sbc_samples: int = 100  # posterior draws per simulation (SBC ranks, expected coverage)
     seed: int = 0
 
     def training_key(self) -> dict:
@@ -125,11 +133,12 @@ class Settings:
 
 # A 2-core CPU: shorter training, smaller classifiers (documented with the results).
 CPU = Settings(methods=("lf", "direct"), budgets=(1000, 5000), posterior_samples=500, reference_samples=500, epochs=10, batch_size=64, num_synthetic=1000, c2st_steps=300,
-               c2st_width=64, lc2st_pairs=300, lc2st_null=20, lc2st_width=64)
+               c2st_width=64, lc2st_pairs=300, lc2st_null=20, lc2st_width=64, sbc_sims=100, sbc_samples=10)
 QUICK = Settings(tasks=("gaussian_linear",), methods=("lf", "direct"), budgets=(200,), sites=(5,), observations=2,
                  posterior_samples=200, reference_samples=200, epochs=3, surrogate_epochs=5, width=32, depth=1,
                  num_synthetic=200,
-                 c2st_steps=200, c2st_width=64, lc2st_pairs=100, lc2st_null=10, lc2st_width=32)
+                 c2st_steps=200, c2st_width=64, lc2st_pairs=100, lc2st_null=10, lc2st_width=32,
+                 sbc_sims=20, sbc_samples=10)
 PRESETS = {"protocol": Settings(), "cpu": CPU, "quick": QUICK}
 
 
@@ -194,17 +203,19 @@ class Bench:
         os.makedirs(self.cache, exist_ok=True)
         self.log = log
         self.results_path = os.path.join(out, "results.jsonl")
+        self.calibration_path = os.path.join(out, "calibration.jsonl")
 
     # -- rows ------------------------------------------------------------------
     def rows(self) -> list[dict]:
-        if not os.path.exists(self.results_path):
-            return []
-        with open(self.results_path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _read_jsonl(self.results_path)
 
-    def _append(self, row: dict) -> None:
+    def calibrations(self) -> list[dict]:
+        """Every calibration record in the output folder (one per amortised estimator)."""
+        return _read_jsonl(self.calibration_path)
+
+    def _append(self, row: dict, path: Optional[str] = None) -> None:
         # One complete line per row, appended and flushed: a crash loses at most the row in flight.
-        with open(self.results_path, "a") as f:
+        with open(path or self.results_path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -213,6 +224,10 @@ class Bench:
         s = self.settings
         return _digest([task, n, method, budget, obs, s.seed, s.training_key(), s.rounds, s.posterior_samples,
                         s.reference_samples, s.c2st_steps, s.c2st_width, s.lc2st_pairs, s.lc2st_null, s.lc2st_width])
+
+    def _calibration_id(self, task: str, n: int, method: str, budget: int) -> str:
+        s = self.settings
+        return _digest(["calibration", task, n, method, budget, s.seed, s.training_key(), s.sbc_sims, s.sbc_samples])
 
     # -- stages ----------------------------------------------------------------
     def model(self, task: str, n: int):
@@ -322,6 +337,38 @@ class Bench:
         return fit_lc2st(theta, x, theta_q, jax.random.key(40_000 + s.seed), num_null=s.lc2st_null,
                          hidden_width=s.lc2st_width)
 
+    def calibration(self, task: str, n: int, method: str, budget: int, est) -> dict:
+        """SBC and expected coverage of an amortised estimator over `sbc_sims` prior simulations of
+        `n` sites, `sbc_samples` posterior draws each: `hierdsl check`'s verdict per parameter group
+        (globals; locals pooled over sites), summarised for the table."""
+        import jax
+
+        from hierdsl.diagnose import check
+
+        s = self.settings
+        record = {"id": self._calibration_id(task, n, method, budget), "task": task, "sites": n, "method": method,
+                  "budget": budget, "sbc_sims": s.sbc_sims, "sbc_samples": s.sbc_samples}
+        start = time.perf_counter()
+        try:
+            report = check(est, key=jax.random.key(70_000 + s.seed), num_sims=s.sbc_sims,
+                           num_samples=s.sbc_samples, num_sites=n)
+        except HsbiError as exc:
+            return {**record, "error": str(exc), "seconds": round(time.perf_counter() - start, 2)}
+        groups = {}
+        for name, g in report.groups.items():
+            groups[name] = {
+                "verdict": g.verdict, "sbc_p_value": float(g.combined_p_value), "worst": g.worst,
+                "worst_p_value": float(np.min(g.p_values)), "elements": len(g.labels),
+                "coverage": {f"{lv:g}": {"mean": float(np.mean(g.coverage_at(lv))), "min": float(np.min(g.coverage_at(lv))),
+                                         "max": float(np.max(g.coverage_at(lv))),
+                                         "calibrated": exact_coverage(lv, g.num_posterior_samples),
+                                         "band": [float(x) for x in g.bands[lv]]}
+                             for lv in g.bands},
+                "over_confident": g.over_confident, "under_confident": g.under_confident,
+            }
+        return {**record, "num_sims": report.num_sims, "dropped_non_finite": report.num_dropped,
+                "groups": groups, "seconds": round(time.perf_counter() - start, 2)}
+
     # -- the run ---------------------------------------------------------------
     def run(self) -> list[dict]:
         import jax
@@ -330,6 +377,7 @@ class Bench:
 
         s = self.settings
         done = {row["id"] for row in self.rows()}
+        calibrated = {record["id"] for record in self.calibrations()}
         for task in s.tasks:
             for n in s.sites:
                 model = self.model(task, n)
@@ -343,19 +391,24 @@ class Bench:
                 for method in s.methods:
                     for budget in s.budgets:
                         ids = [self._row_id(task, n, method, budget, i) for i in range(len(observations))]
-                        if all(i in done for i in ids):
+                        amortised = method != "lf-rounds"
+                        # Calibration is per amortised estimator (lf-rounds trains one per observation).
+                        calibration_id = (self._calibration_id(task, n, method, budget)
+                                          if amortised and s.sbc_sims > 0 else None)
+                        rows_done = all(i in done for i in ids)
+                        if rows_done and (calibration_id is None or calibration_id in calibrated):
                             continue
                         if method == "direct" and budget // n < 2:
                             self.log(f"{task} n_s={n} direct B={budget}: skipped (fewer than 2 full simulations)")
                             continue
-                        amortised = method != "lf-rounds"
                         est = classifiers = None
                         if amortised:
                             est, cached = self.estimator(task, model, n, method, budget)
-                            self.log(f"{task} n_s={n} {method} B={budget}: l-C2ST classifiers")
-                            start = time.perf_counter()
-                            classifiers = self.lc2st(model, est, n)
-                            lc2st_seconds = time.perf_counter() - start
+                            if not rows_done:
+                                self.log(f"{task} n_s={n} {method} B={budget}: l-C2ST classifiers")
+                                start = time.perf_counter()
+                                classifiers = self.lc2st(model, est, n)
+                                lc2st_seconds = time.perf_counter() - start
                         for i, (data, truth) in enumerate(observations):
                             if ids[i] in done:
                                 continue
@@ -392,6 +445,13 @@ class Bench:
                             done.add(ids[i])
                             self.log(f"{task} n_s={n} {method} B={budget} obs {i + 1}: C2ST joint {joint:.3f}, "
                                      f"globals {glob:.3f}" + (f", l-C2ST p {lc2st_p:.2f}" if lc2st_p is not None else ""))
+                        if calibration_id is not None and calibration_id not in calibrated:
+                            self.log(f"{task} n_s={n} {method} B={budget}: calibration (SBC and coverage, "
+                                     f"{s.sbc_sims} simulations x {s.sbc_samples} draws)")
+                            record = self.calibration(task, n, method, budget, est)
+                            self._append(record, self.calibration_path)
+                            calibrated.add(calibration_id)
+                            self.log(f"{task} n_s={n} {method} B={budget}: " + _calibration_line(record))
         return self.rows()
 
     def selected_rows(self) -> list[dict]:
@@ -400,6 +460,28 @@ class Bench:
         wanted = {self._row_id(t, n, m, b, i) for t in s.tasks for n in s.sites for m in s.methods
                   for b in s.budgets for i in range(s.observations)}
         return [r for r in self.rows() if r["id"] in wanted]
+
+    def selected_calibrations(self) -> list[dict]:
+        """This run's calibration records."""
+        s = self.settings
+        wanted = {self._calibration_id(t, n, m, b) for t in s.tasks for n in s.sites for m in s.methods
+                  for b in s.budgets}
+        return [r for r in self.calibrations() if r["id"] in wanted]
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _calibration_line(record: dict) -> str:
+    if "error" in record:
+        return f"calibration failed: {record['error']}"
+    return "; ".join(f"{name} {g['verdict']} (SBC p {g['sbc_p_value']:.3g}, coverage at 90% "
+                     f"{g['coverage']['0.9']['mean']:.2f}, calibrated {g['coverage']['0.9']['calibrated']:.2f})"
+                     for name, g in record["groups"].items())
 
 
 def _param_names(model) -> list[str]:
@@ -476,6 +558,35 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def calibration_table(records: Sequence[dict]) -> str:
+    """The calibration table: one line per amortised estimator, each group's SBC verdict and
+    Bonferroni p-value and its mean expected coverage at the 50% and 90% levels (with the coverage
+    a calibrated estimator has with that many posterior draws)."""
+    lines = [
+        "| task | n_s | method | B | sims × draws | globals: verdict, SBC p | globals: coverage 50% / 90% "
+        "| locals: verdict, SBC p | locals: coverage 50% / 90% | calibrated coverage | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {t: i for i, t in enumerate(TASKS)}
+    for r in sorted(records, key=lambda r: (order.get(r["task"], 99), r["sites"], METHODS.index(r["method"]), r["budget"])):
+        head = f"| {r['task']} | {r['sites']} | {r['method']} | {r['budget']} | {r['sbc_sims']} × {r['sbc_samples']} "
+        if "error" in r:
+            lines.append(head + f"| failed: {r['error']} | | | | | {r['seconds']:.1f} |")
+            continue
+        cells, calibrated = [], "—"
+        for name in ("globals", "locals"):
+            g = r["groups"].get(name)
+            if g is None:
+                cells += ["—", "—"]
+                continue
+            flags = (" (over-confident)" if g["over_confident"] else "") + (" (conservative)" if g["under_confident"] else "")
+            cells += [f"{g['verdict']}, {g['sbc_p_value']:.3g}{flags}",
+                      f"{g['coverage']['0.5']['mean']:.2f} / {g['coverage']['0.9']['mean']:.2f}"]
+            calibrated = f"{g['coverage']['0.5']['calibrated']:.2f} / {g['coverage']['0.9']['calibrated']:.2f}"
+        lines.append(head + "| " + " | ".join(cells) + f" | {calibrated} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def plot_panels(task_rows: Sequence[dict]) -> list[tuple[str, int]]:
     """The panels of one task's plot: `("budget", n_s)` (C2ST against the budget at that site count)
     where a site count has several budgets, `("sites", B)` where a budget has several site counts;
@@ -536,10 +647,17 @@ def plots(rows: Sequence[dict], out: str) -> list[str]:
 def report(bench: Bench, command: str) -> tuple[str, list[str]]:
     rows = bench.selected_rows()
     text = table(rows)
+    records = bench.selected_calibrations()
+    if records:
+        text += ("\n\nCalibration of each amortised estimator (SBC ranks and expected coverage over prior "
+                 "simulations; `hierdsl check`'s verdicts):\n\n" + calibration_table(records))
     s = bench.settings
     header = (f"# hierdsl bench\n\nCommand: `{command}`\n\nSettings: {json.dumps(dataclasses.asdict(s))}\n\n"
               "C2ST: 0.5 = indistinguishable from the reference; mean and bootstrap 95% interval of the mean "
-              "over the observations. l-C2ST T: 0 = perfect; rejects: observations where l-C2ST rejects at 5%.\n\n")
+              "over the observations. l-C2ST T: 0 = perfect; rejects: observations where l-C2ST rejects at 5%. "
+              "Calibration: SBC p is the Bonferroni-combined rank-uniformity p-value of the group (FAIL below "
+              "0.05 or when coverage falls below its tolerance band); coverage is the mean over the group's "
+              "elements, against what a calibrated estimator gets with that many posterior draws.\n\n")
     atomic_write(os.path.join(bench.out, "results.md"), header + text + "\n")
     return text, plots(rows, bench.out)
 
@@ -567,7 +685,7 @@ def cmd_bench(ns) -> int:
                 changes[field] = parse(value)
     except ValueError as exc:
         raise UserError(f"bad list of numbers: {exc}") from None
-    for field in ("observations", "epochs", "batch_size", "seed", "rounds"):
+    for field in ("observations", "epochs", "batch_size", "seed", "rounds", "sbc_sims", "sbc_samples"):
         value = getattr(ns, field)
         if value is not None:
             changes[field] = value
@@ -576,6 +694,8 @@ def cmd_bench(ns) -> int:
     settings = dataclasses.replace(base, **changes)
     if settings.observations < 1 or any(b < 10 for b in settings.budgets) or any(n < 1 for n in settings.sites):
         raise UserError("--observations and --sites must be at least 1, --budgets at least 10")
+    if settings.sbc_sims != 0 and settings.sbc_sims < 10 or settings.sbc_samples < 5:
+        raise UserError("--sbc-sims must be 0 (no calibration) or at least 10, --sbc-samples at least 5")
     log = (lambda s: None) if ns.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     try:
         bench = Bench(settings, ns.output, log)
@@ -586,7 +706,8 @@ def cmd_bench(ns) -> int:
     command = "hierdsl bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "hierdsl bench"
     text, written = report(bench, command)
     print(text)
-    files = ["results.md", "results.jsonl", *(os.path.basename(p) for p in written)]
+    files = ["results.md", "results.jsonl", *(["calibration.jsonl"] if bench.selected_calibrations() else []),
+             *(os.path.basename(p) for p in written)]
     log(f"\nwrote {', '.join(files[:-1])} and {files[-1]} to {ns.output}")
     return 0
 
@@ -610,6 +731,10 @@ def add_parser(sub) -> None:
                    help="how LF's surrogate sees the observations: as residuals standardised by a location-scale "
                         "network (network, the value without an argument) or linear fit (linear) fitted first, "
                         "or as they are (off); default: the library's (lf.PRECONDITION)")
+    p.add_argument("--sbc-sims", type=int,
+                   help="calibration of each amortised estimator: prior simulations for SBC and coverage "
+                        "(default 200; cpu preset 100; 0 skips it)")
+    p.add_argument("--sbc-samples", type=int, help="posterior draws per calibration simulation (default 100; cpu preset 10)")
     p.add_argument("--seed", type=int, help="seed of the observations and the training (default 0)")
     p.add_argument("-o", "--output", default="bench", help="output folder, with its cache (default ./bench)")
     p.add_argument("--report-only", action="store_true",

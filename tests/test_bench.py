@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hierdsl import bench
+from hierdsl.diagnose import exact_coverage
 from hierdsl.cli import main
 
 
@@ -45,19 +46,39 @@ def test_quick_bench_end_to_end(quick_run):
     table = open(os.path.join(folder, "results.md")).read()
     assert "| gaussian_linear | 5 | lf | 200 | 2 | 200 |" in table
     assert "| gaussian_linear | 5 | direct | 200 | 2 | 200 |" in table
-    assert table.count("\n| gaussian_linear") == 2
+    scores, calibration = table.split("Calibration of each amortised estimator")
+    assert scores.count("\n| gaussian_linear") == 2 and calibration.count("\n| gaussian_linear") == 2
     assert out.strip().startswith("| task | n_s | method")
     assert os.path.getsize(os.path.join(folder, "gaussian_linear.png")) > 10_000
+    # Calibration: one record per amortised estimator, SBC and coverage at the benchmark's site count.
+    records = [json.loads(line) for line in open(os.path.join(folder, "calibration.jsonl"))]
+    assert sorted(r["method"] for r in records) == ["direct", "lf"]
+    for r in records:
+        assert r["sites"] == 5 and r["budget"] == 200 and r["sbc_sims"] == settings.sbc_sims
+        assert r["num_sims"] + r["dropped_non_finite"] == settings.sbc_sims
+        assert set(r["groups"]) == {"globals", "locals"}
+        for g in r["groups"].values():
+            assert g["verdict"] in ("PASS", "FAIL") and 0.0 < g["sbc_p_value"] <= 1.0
+            for lv, cov in g["coverage"].items():
+                assert 0.0 <= cov["min"] <= cov["mean"] <= cov["max"] <= 1.0
+                assert cov["calibrated"] == pytest.approx(exact_coverage(float(lv), settings.sbc_samples))
+        # The verdict follows the evidence recorded beside it.
+        g = r["groups"]["globals"]
+        assert (g["verdict"] == "FAIL") == (g["sbc_p_value"] < 0.05 or bool(g["over_confident"]))
+        assert f"| gaussian_linear | 5 | {r['method']} | 200 | 20 × 10 | {g['verdict']}, " in table
+    assert "calibration (SBC and coverage, 20 simulations x 10 draws)" in err
 
 
 def test_rerun_reuses_cache_and_rows(quick_run):
     folder, code, _, _ = quick_run
     assert code == 0
     before = open(os.path.join(folder, "results.jsonl")).read()
+    calibration = open(os.path.join(folder, "calibration.jsonl")).read()
     stamps = {f: os.path.getmtime(os.path.join(folder, "cache", f)) for f in os.listdir(os.path.join(folder, "cache"))}
     code, out, err = run_cli("bench", "--quick", "-o", folder, "--quiet")
     assert code == 0, err
     assert open(os.path.join(folder, "results.jsonl")).read() == before  # nothing recomputed
+    assert open(os.path.join(folder, "calibration.jsonl")).read() == calibration
     assert {f: os.path.getmtime(os.path.join(folder, "cache", f)) for f in stamps} == stamps
     assert err == ""  # --quiet
 
@@ -81,7 +102,9 @@ def test_report_only_computes_nothing(quick_run, tmp_path):
     code, out, err = run_cli("bench", "--quick", "-o", copy, "--report-only")
     assert code == 0, err
     assert open(os.path.join(copy, "results.jsonl")).read() == lines[0]
-    assert "| gaussian_linear | 5 | lf | 200 | 1 |" in out and "direct" not in out.split("\n", 2)[2]
+    scores, calibration = out.split("Calibration of each amortised estimator")
+    assert "| gaussian_linear | 5 | lf | 200 | 1 |" in scores and "direct" not in scores.split("\n", 2)[2]
+    assert calibration.count("\n| gaussian_linear") == 2  # the calibration records it has, as they are
 
 
 def test_interrupted_run_resumes_missing_rows(quick_run, tmp_path):
@@ -95,8 +118,56 @@ def test_interrupted_run_resumes_missing_rows(quick_run, tmp_path):
     assert json.loads(again[-1])["id"] == json.loads(lines[-1])["id"]
 
 
+def test_missing_calibration_is_computed_alone_from_the_cached_estimators(quick_run, tmp_path):
+    # A folder from before calibration existed (rows, cached estimators, no calibration.jsonl): the
+    # rerun trains nothing, scores no row again, and calibrates the cached estimators exactly as the
+    # first run did.
+    copy, lines = copy_keeping_rows(quick_run, str(tmp_path / "old"), slice(None))
+    first = {json.loads(line)["id"]: json.loads(line) for line in open(os.path.join(copy, "calibration.jsonl"))}
+    os.remove(os.path.join(copy, "calibration.jsonl"))
+    code, out, err = run_cli("bench", "--quick", "-o", copy)
+    assert code == 0, err
+    assert ": training" not in err and "l-C2ST classifiers" not in err and "obs 1" not in err
+    assert open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True) == lines
+    again = [json.loads(line) for line in open(os.path.join(copy, "calibration.jsonl"))]
+    assert len(again) == 2
+    for record in again:
+        assert {k: v for k, v in record.items() if k != "seconds"} == \
+            {k: v for k, v in first[record["id"]].items() if k != "seconds"}
+    assert "20 × 10" in out
+
+
+def test_sbc_sims_zero_skips_calibration(quick_run, tmp_path):
+    copy, _ = copy_keeping_rows(quick_run, str(tmp_path / "none"), slice(None))
+    os.remove(os.path.join(copy, "calibration.jsonl"))
+    code, out, err = run_cli("bench", "--quick", "-o", copy, "--sbc-sims", "0")
+    assert code == 0, err
+    assert not os.path.exists(os.path.join(copy, "calibration.jsonl"))
+    assert "estimator from the cache" not in err  # every row done, nothing to calibrate: nothing loaded
+    assert "Calibration" not in out
+
+
+def test_calibration_table_flags_and_failures():
+    group = lambda verdict, p, over, under: {
+        "verdict": verdict, "sbc_p_value": p, "over_confident": over, "under_confident": under,
+        "coverage": {"0.5": {"mean": 0.31, "calibrated": 0.4545}, "0.9": {"mean": 0.62, "calibrated": 0.9091}}}
+    records = [
+        {"task": "sir", "sites": 50, "method": "direct", "budget": 1000, "sbc_sims": 100, "sbc_samples": 10,
+         "seconds": 12.0, "groups": {"globals": group("FAIL", 1e-4, ["gamma"], []),
+                                     "locals": group("PASS", 0.3, [], ["beta"])}},
+        {"task": "gaussian_linear", "sites": 50, "method": "lf", "budget": 1000, "sbc_sims": 100, "sbc_samples": 10,
+         "seconds": 3.0, "error": "the posterior sampler produced non-finite values"},
+    ]
+    lines = bench.calibration_table(records).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| gaussian_linear | 50 | lf |")  # task order
+    assert "failed: the posterior sampler produced non-finite values" in lines[2]
+    assert "| FAIL, 0.0001 (over-confident) | 0.31 / 0.62 | PASS, 0.3 (conservative) | 0.31 / 0.62 | 0.45 / 0.91 | 12.0 |" \
+        in lines[3]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "nope"], "unknown task"),
+    (["--sbc-sims", "5"], "at least 10"),
     (["--methods", "lf,magic"], "unknown method"),
     (["--budgets", "1000,x"], "bad list"),
     (["--budgets", "5"], "at least 10"),
