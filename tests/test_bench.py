@@ -59,6 +59,8 @@ def test_quick_bench_end_to_end(quick_run):
         assert set(r["groups"]) == {"globals", "locals"}
         for g in r["groups"].values():
             assert g["verdict"] in ("PASS", "FAIL") and 0.0 < g["sbc_p_value"] <= 1.0
+            assert sum(g["rank_histogram"]) == r["num_sims"] * (5 if g is r["groups"]["locals"] else 1)
+            assert 0.0 <= g["mean_rank"] <= 1.0
             for lv, cov in g["coverage"].items():
                 assert 0.0 <= cov["min"] <= cov["mean"] <= cov["max"] <= 1.0
                 assert cov["calibrated"] == pytest.approx(exact_coverage(float(lv), settings.sbc_samples))
