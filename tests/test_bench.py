@@ -59,7 +59,10 @@ def test_quick_bench_end_to_end(quick_run):
         assert set(r["groups"]) == {"globals", "locals"}
         for g in r["groups"].values():
             assert g["verdict"] in ("PASS", "FAIL") and 0.0 < g["sbc_p_value"] <= 1.0
-            assert sum(g["rank_histogram"]) == r["num_sims"] * (5 if g is r["groups"]["locals"] else 1)
+            counts = g["rank_counts"]  # one count per rank 0..L, every truth (locals: every site) once
+            assert len(counts) == settings.sbc_samples + 1
+            assert sum(counts) == r["num_sims"] * (5 if g is r["groups"]["locals"] else 1)
+            assert g["mean_rank"] == pytest.approx(np.dot(np.arange(len(counts)), counts) / sum(counts) / settings.sbc_samples)
             assert 0.0 <= g["mean_rank"] <= 1.0
             for lv, cov in g["coverage"].items():
                 assert 0.0 <= cov["min"] <= cov["mean"] <= cov["max"] <= 1.0
