@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 import os
 import sys
@@ -41,7 +42,9 @@ from hierdsl.compiler.errors import HsbiError
 from hierdsl.diagnose import exact_coverage
 from hierdsl.files import atomic_write
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+# The task models ship inside the package (`hierdsl.examples`, the repository's examples/), so a
+# non-editable install finds them too.
+EXAMPLES = str(importlib.resources.files("hierdsl.examples"))
 
 
 # ----------------------------------------------------------------------------- tasks and references

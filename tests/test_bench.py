@@ -289,3 +289,24 @@ def test_report_only_without_rows_names_what_it_wrote(tmp_path):
     assert code == 0, err
     assert out.strip().startswith("| task | n_s | method") and "gaussian_linear" not in out
     assert err.strip().endswith(f"wrote results.md and results.jsonl to {tmp_path}")
+
+
+def test_task_models_ship_inside_the_package():
+    """A non-editable install has no examples/ folder beside it: bench reads its task models from the
+    `hierdsl.examples` package, and pyproject's package data must carry every one of them."""
+    import fnmatch
+    import importlib.resources
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    assert "hierdsl.examples" in setuptools["packages"]
+    assert setuptools["package-dir"]["hierdsl.examples"] == "examples"
+    patterns = setuptools["package-data"]["hierdsl.examples"]
+    package = importlib.resources.files("hierdsl.examples")
+    assert os.path.samefile(bench.EXAMPLES, str(package))
+    for task in bench.TASKS.values():
+        assert any(fnmatch.fnmatch(task.file, p) for p in patterns), task.file
+        assert (package / task.file).is_file(), task.file
+    assert any(fnmatch.fnmatch("eight_schools.csv", p) for p in patterns)
