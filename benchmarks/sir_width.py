@@ -10,6 +10,7 @@ summary line. Measures only: nothing is asserted.
     python benchmarks/sir_width.py --sites 3                        # the defaults
     python benchmarks/sir_width.py --sites 3 --epochs 160           # a longer posterior stage
     python benchmarks/sir_width.py --sites 3 --method direct --budget 12000   # real simulations only
+    python benchmarks/sir_width.py --sites 3 --posterior-precondition  # the betas as residuals given gamma and their site's counts
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ def main() -> None:
     parser.add_argument("--method", choices=("lf", "direct"), default="lf")
     parser.add_argument("--epochs", type=int, default=None, help="posterior epochs (default: the library's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--posterior-precondition", action="store_true",
+                        help="the posterior network sees each beta as a residual given gamma and its site's counts")
     args = parser.parse_args()
 
     model = hierdsl.compile(SIR, args={"n_sites": args.sites})
     training = lf.POSTERIOR_TRAINING.with_max_epochs(args.epochs) if args.epochs else lf.POSTERIOR_TRAINING
-    strategy = (lf.Direct(posterior_training=training) if args.method == "direct"
-                else lf.LF(posterior_training=training))
+    strategy = (lf.Direct(posterior_training=training, posterior_precondition=args.posterior_precondition)
+                if args.method == "direct"
+                else lf.LF(posterior_training=training, posterior_precondition=args.posterior_precondition))
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=strategy)
     fit_seconds = time.perf_counter() - start

@@ -120,6 +120,7 @@ class Settings:
     num_synthetic: Optional[int] = None  # LF's synthetic data sets; None: the library default
     batch_size: Optional[int] = None  # the posterior network's batch; None: the library default
     precondition: Optional[str] = None  # LF's surrogate preconditioning, "network", "linear" or "off"; None: the library default
+    posterior_precondition: bool = False  # the posterior network's preconditioning of the locals (lf and direct)
     c2st_steps: int = 1000
     c2st_width: int = 256  # cap on the classifiers' hidden width (sbibm: 10 · dim)
     lc2st_pairs: int = 1000
@@ -130,8 +131,15 @@ class Settings:
     seed: int = 0
 
     def training_key(self) -> dict:
-        # Every training setting, library defaults included, so a changed default retrains.
-        return {m: dataclasses.asdict(strategy(self, m)) for m in ("lf", "direct")}
+        # Every training setting, library defaults included, so a changed default retrains; except
+        # that the posterior preconditioning, while off, is left out, as are the preconditioner's
+        # settings that only it reads (direct's), so that folders from before it existed still match.
+        key = {m: dataclasses.asdict(strategy(self, m)) for m in ("lf", "direct")}
+        for method, fields in (("lf", ("posterior_precondition",)), ("direct", ("posterior_precondition", "preconditioner"))):
+            if not key[method]["posterior_precondition"]:
+                for field in fields:
+                    del key[method][field]
+        return key
 
 
 # A 2-core CPU: shorter training, smaller classifiers (documented with the results).
@@ -161,11 +169,13 @@ def strategy(settings: Settings, method: str):
     if settings.batch_size:
         posterior_training = dataclasses.replace(posterior_training, batch_size=settings.batch_size)
     if method == "direct":
-        return lf.Direct(posterior=net, posterior_training=posterior_training)
+        return lf.Direct(posterior=net, posterior_training=posterior_training,
+                         posterior_precondition=settings.posterior_precondition)
     extra = {} if settings.precondition is None else {
         "precondition": None if settings.precondition == "off" else settings.precondition}
     return lf.LF(surrogate=net, posterior=net, surrogate_training=surrogate_training,
-                 posterior_training=posterior_training, num_synthetic=settings.num_synthetic, **extra)
+                 posterior_training=posterior_training, num_synthetic=settings.num_synthetic,
+                 posterior_precondition=settings.posterior_precondition, **extra)
 
 
 # ----------------------------------------------------------------------------- caching
@@ -699,6 +709,8 @@ def cmd_bench(ns) -> int:
             changes[field] = value
     if ns.precondition is not None:
         changes["precondition"] = ns.precondition
+    if ns.posterior_precondition:
+        changes["posterior_precondition"] = True
     settings = dataclasses.replace(base, **changes)
     if settings.observations < 1 or any(b < 10 for b in settings.budgets) or any(n < 1 for n in settings.sites):
         raise UserError("--observations and --sites must be at least 1, --budgets at least 10")
@@ -739,6 +751,9 @@ def add_parser(sub) -> None:
                    help="how LF's surrogate sees the observations: as residuals standardised by a location-scale "
                         "network (network, the value without an argument) or linear fit (linear) fitted first, "
                         "or as they are (off); default: the library's (lf.PRECONDITION)")
+    p.add_argument("--posterior-precondition", action="store_true",
+                   help="the posterior network (lf and direct) sees each site's locals as residuals of a "
+                        "location-scale network fitted to them given the globals and the site's own data (off by default)")
     p.add_argument("--sbc-sims", type=int,
                    help="calibration of each amortised estimator: prior simulations for SBC and coverage "
                         "(default 200; cpu preset 100; 0 skips it)")

@@ -7,7 +7,8 @@ Layout::
     header                              UTF-8 JSON: versions, model IR (and its hash), settings,
                                         training log, payload length and SHA-256
     payload                             `equinox.tree_serialise_leaves` of (normaliser,
-                                        posterior network, surrogate network or nothing)
+                                        posterior network, surrogate network or nothing[,
+                                        posterior preconditioner where the header lists one])
 
 Loading checks the magic, the header, the payload's length and checksum, and (when a model is
 given) that the model's IR hash matches; each failure is a clear `CheckpointError` naming the file.
@@ -89,7 +90,9 @@ def save_estimator(path: str, estimator) -> None:
     """Write an estimator atomically."""
     trained = estimator.trained
     buffer = io.BytesIO()
-    eqx.tree_serialise_leaves(buffer, (trained.normaliser, trained.posterior, trained.surrogate))
+    leaves = (trained.normaliser, trained.posterior, trained.surrogate)
+    pre = trained.posterior_preconditioner
+    eqx.tree_serialise_leaves(buffer, leaves if pre is None else (*leaves, pre))
     payload = buffer.getvalue()
     header = {
         "format": "hsbe",
@@ -117,6 +120,10 @@ def save_estimator(path: str, estimator) -> None:
             # with a network preconditioner, its size (it follows the flags in place of the weights)
             "observed_network": _network_shape(trained.normaliser.observed_net),
         },
+        # with the posterior's preconditioner (`LF.posterior_precondition`), its token positions and
+        # network size; its weights follow the surrogate's
+        "posterior_preconditioner": None if pre is None else {
+            "targets": list(pre.targets), "features": list(pre.features), "network": _network_shape(pre.net)},
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
@@ -199,16 +206,24 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
     if isinstance(strategy, lf.LF):
         layout1 = TokenLayout.from_ir(model.ir, max_sites=1)
         surrogate = tuple(strategy.surrogate.build(layout1, jr.key(0)) for _ in range(strategy.surrogates))
+    like = (normaliser, posterior, surrogate)
+    pre = header.get("posterior_preconditioner")
+    if pre:
+        network = pre["network"]
+        net = lf.Preconditioner(network["features"], network["observations"], network["width"], network["depth"],
+                                jr.key(0))
+        like = (*like, lf.PosteriorPreconditioner(net, tuple(pre["targets"]), tuple(pre["features"])))
     try:
-        normaliser, posterior, surrogate = eqx.tree_deserialise_leaves(io.BytesIO(payload), (normaliser, posterior, surrogate))
+        normaliser, posterior, surrogate, *rest = eqx.tree_deserialise_leaves(io.BytesIO(payload), like)
     except Exception as exc:  # a payload that does not fit the networks the header describes
         raise _fail(path, f"estimator file `{path}` does not match the networks its header describes: {exc}") from None
+    posterior_preconditioner = rest[0] if rest else None
     if not isinstance(normaliser, lf.Normaliser):
         normaliser = lf.Normaliser(*normaliser, *squash)
     stages = {k: lf.StageLog(**v) for k, v in header["stages"].items()}
     truncation = lf.Truncation.from_json(header["truncation"]) if header.get("truncation") else None
     trained = lf.Trained(normaliser, posterior, surrogate, max_sites, int(header["simulator_calls"]), stages,
-                         dict(header["seconds"]), truncation=truncation)
+                         dict(header["seconds"]), truncation=truncation, posterior_preconditioner=posterior_preconditioner)
     return Estimator(model, strategy, int(header["budget"]), trained)
 
 

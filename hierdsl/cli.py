@@ -132,13 +132,14 @@ def _strategy(ns: argparse.Namespace):
     if precondition is not None and ns.method == "direct":
         raise UserError("--precondition needs --method lf (the direct method has no surrogate)")
     extra = {} if precondition is None else {"precondition": None if precondition == "off" else precondition}
+    both = {"posterior_precondition": True} if getattr(ns, "posterior_precondition", False) else {}
     if not ns.epochs:
-        return lf.Direct() if ns.method == "direct" else lf.LF(**extra)
+        return lf.Direct(**both) if ns.method == "direct" else lf.LF(**extra, **both)
     surrogate = lf.TrainConfig().with_max_epochs(ns.epochs)
     posterior = lf.POSTERIOR_TRAINING.with_max_epochs(ns.epochs)
     if ns.method == "direct":
-        return lf.Direct(posterior_training=posterior)
-    return lf.LF(surrogate_training=surrogate, posterior_training=posterior, **extra)
+        return lf.Direct(posterior_training=posterior, **both)
+    return lf.LF(surrogate_training=surrogate, posterior_training=posterior, **extra, **both)
 
 
 def _train(ns: argparse.Namespace, model, progress, output: str, data=None):
@@ -263,6 +264,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="how the lf surrogate sees the observations: standardised by a location-scale network "
                         "fitted first (network), by a linear fit (linear), or as they are (off); "
                         "default: the library's (network)")
+    p.add_argument("--posterior-precondition", action="store_true",
+                   help="the posterior network sees each site's locals as residuals of a location-scale network "
+                        "fitted to them given the globals and the site's own data (off by default)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -111,7 +111,8 @@ class Estimator:
         self.split = lf.posterior_split(self.layout, self.lowered)
         self.noncentred = lf.noncentred_locals(self.lowered, strategy)
         # The posterior network's view of the tokens (its non-centred locals pass through).
-        self.normaliser = lf.posterior_normaliser(trained.normaliser, self.layout, self.noncentred)
+        self.normaliser = lf.posterior_normaliser(trained.normaliser, self.layout, self.noncentred,
+                                                  trained.posterior_preconditioner)
 
     @property
     def max_sites(self) -> int:

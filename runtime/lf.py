@@ -246,7 +246,10 @@ class LF:
             residuals standardised by a location and scale network fitted first to the simulations,
             or "linear", by a location and log scale linear in the conditioning tokens (see
             `PRECONDITION`). True means "network", False None.
-        preconditioner: the size and training of the "network" preconditioner.
+        preconditioner: the size and training of the "network" preconditioner (and of the
+            posterior's, with `posterior_precondition`).
+        posterior_precondition: the posterior network sees each site's locals as residuals of
+            a regression on the globals and the site's own data (see `PosteriorPreconditioner`).
     """
 
     surrogate: NetworkConfig = NetworkConfig()
@@ -261,6 +264,7 @@ class LF:
     surrogates: int = SURROGATES
     precondition: Optional[str] = PRECONDITION
     preconditioner: PreconditionerConfig = PreconditionerConfig()
+    posterior_precondition: bool = False
 
     def __post_init__(self):
         _check_fraction(self.all_sites_fraction)
@@ -283,6 +287,8 @@ class Direct:
     min_sites: int = 1
     all_sites_fraction: float = ALL_SITES_FRACTION
     noncentred: bool = NONCENTRED
+    posterior_precondition: bool = False  # as `LF.posterior_precondition`, fitted to the simulations
+    preconditioner: PreconditionerConfig = PreconditionerConfig()
 
     name = "direct"
 
@@ -334,6 +340,9 @@ class Normaliser(eqx.Module):
     observed_log_scale: Optional[Float[Array, "features observed"]] = None
     observed: tuple[int, ...] = eqx.field(static=True, default=())
     observed_net: Optional["Preconditioner"] = None
+    # None: the preconditioning reads the globals and the site's other tokens (the surrogate's);
+    # a tuple: the globals and only these site tokens (the posterior's, `PosteriorPreconditioner`).
+    feature_tokens: Optional[tuple[int, ...]] = eqx.field(static=True, default=None)
 
     @staticmethod
     def fit(tokens: Tokens, observed: tuple[int, ...] = (), precondition: str = "network",
@@ -417,11 +426,15 @@ class Normaliser(eqx.Module):
 
     def without_preconditioning(self) -> "Normaliser":
         """The same standardisation with the observations left as they are (the posterior's view)."""
-        return dataclasses.replace(self, observed_loc=None, observed_log_scale=None, observed=(), observed_net=None)
+        return dataclasses.replace(self, observed_loc=None, observed_log_scale=None, observed=(), observed_net=None,
+                                   feature_tokens=None)
 
     def _loc_log_scale(self, global_values, site_values):
         """The observed tokens' location and log scale at each site, from the standardised tokens."""
-        features = _features(global_values, site_values, self.observed)
+        if self.feature_tokens is None:
+            features = _features(global_values, site_values, self.observed)
+        else:
+            features = _token_features(global_values, site_values, self.feature_tokens)
         if self.observed_net is not None:
             loc, log_scale = self.observed_net(features[..., :-1])
         else:
@@ -441,14 +454,20 @@ class Normaliser(eqx.Module):
             site_values = site_values.at[..., index].set(site_values[..., index] * jnp.exp(log_scale) + loc)
         return site_values, log_jacobian
 
-    def forward(self, tokens: Tokens) -> Tokens:
-        mask = tokens.site_mask[..., None]
-        global_values = _squash((tokens.global_values - self.global_mean) / self.global_scale, self.global_squash)
-        site_values = _squash((tokens.site_values - self.site_mean) / self.site_scale, self.site_squash)
+    def precondition(self, global_values, site_values):
+        """Standardised site tokens with the preconditioned ones replaced by their residuals (the
+        last step of `forward`)."""
         if self.observed:
             loc, log_scale = self._loc_log_scale(global_values, site_values)
             index = np.asarray(self.observed)
             site_values = site_values.at[..., index].set((site_values[..., index] - loc) * jnp.exp(-log_scale))
+        return site_values
+
+    def forward(self, tokens: Tokens) -> Tokens:
+        mask = tokens.site_mask[..., None]
+        global_values = _squash((tokens.global_values - self.global_mean) / self.global_scale, self.global_squash)
+        site_values = self.precondition(global_values,
+                                        _squash((tokens.site_values - self.site_mean) / self.site_scale, self.site_squash))
         return Tokens(
             global_values,
             site_values * mask,
@@ -482,6 +501,13 @@ def _features(global_values, site_values, observed: tuple[int, ...]):
     shape = site_values.shape[:-1]
     return jnp.concatenate([jnp.broadcast_to(global_values[..., None, :], (*shape, global_values.shape[-1])),
                             site_values[..., conditioning], jnp.ones((*shape, 1), site_values.dtype)], axis=-1)
+
+
+def _token_features(global_values, site_values, tokens: tuple[int, ...]):
+    """Per site: the global tokens, the site's tokens at positions `tokens` and a constant (the last feature)."""
+    shape = site_values.shape[:-1]
+    return jnp.concatenate([jnp.broadcast_to(global_values[..., None, :], (*shape, global_values.shape[-1])),
+                            site_values[..., list(tokens)], jnp.ones((*shape, 1), site_values.dtype)], axis=-1)
 
 
 class Preconditioner(eqx.Module):
@@ -598,17 +624,88 @@ def _log_cosh(z):
     return a + jnp.log1p(jnp.exp(-2.0 * a)) - jnp.log(2.0)
 
 
-def posterior_normaliser(normaliser: Normaliser, layout: TokenLayout, noncentred: tuple[str, ...]) -> Normaliser:
+def posterior_normaliser(normaliser: Normaliser, layout: TokenLayout, noncentred: tuple[str, ...],
+                         preconditioner: Optional["PosteriorPreconditioner"] = None) -> Normaliser:
     """The normaliser of the posterior network's tokens: `normaliser`, except that the tokens of
     the non-centred locals, standard normal under the prior, pass through (mean 0, scale 1), and the
-    observations are not preconditioned (that depends on the parameters, the posterior's targets)."""
+    observations are not preconditioned (that depends on the parameters, the posterior's targets).
+    With `preconditioner`, the centred locals' tokens are its residuals instead."""
     normaliser = normaliser.without_preconditioning()
-    if not noncentred:
-        return normaliser
-    index = np.concatenate([np.arange(layout.tokens_per_site)[layout.slot(name).tokens] for name in noncentred])
-    return dataclasses.replace(normaliser, site_mean=normaliser.site_mean.at[index].set(0.0),
-                               site_scale=normaliser.site_scale.at[index].set(1.0),
-                               site_squash=normaliser.site_squash.at[index].set(0.0))
+    if noncentred:
+        index = np.concatenate([np.arange(layout.tokens_per_site)[layout.slot(name).tokens] for name in noncentred])
+        normaliser = dataclasses.replace(normaliser, site_mean=normaliser.site_mean.at[index].set(0.0),
+                                         site_scale=normaliser.site_scale.at[index].set(1.0),
+                                         site_squash=normaliser.site_squash.at[index].set(0.0))
+    if preconditioner is not None:
+        normaliser = dataclasses.replace(normaliser, observed=preconditioner.targets, observed_net=preconditioner.net,
+                                         feature_tokens=preconditioner.features)
+    return normaliser
+
+
+# The posterior network's flow starts from a standard normal and contracts it onto the posterior.
+# Where that is a tiny part of the prior it stays too wide at the default training length: SIR's
+# betas have posterior sds of 0.01-0.03 in the prior's standardised units, and the 3-site
+# estimator's came out a median 1.9 times too wide, up to 5.8 (docs/benchmark.md, "Where SIR's
+# excess width comes from"), with the surrogate ruled out as the cause. `posterior_precondition`
+# (off by default) gives the flow each site's locals as residuals, z = (u - loc(g, d)) / scale(g, d),
+# of a regression on the globals g and the site's own data d (observations and inputs), all
+# standardised: a `Preconditioner` fitted by beta-NLL to the synthetic pool's sites (the
+# simulations, for direct) before the flow trains, from a linear least-squares start. The map is
+# triangular (a site's locals read the globals, never the other way round, and no local reads
+# another), so its log-Jacobian is the sum of the log scales, which `Normaliser.target_log_jacobian`
+# includes; sampling undoes it with the globals the flow drew.
+class PosteriorPreconditioner(eqx.Module):
+    """Location and log scale of a site's centred local tokens (`targets`) given its data tokens
+    (`features`), for the posterior network's tokens (see `posterior_normaliser`)."""
+
+    net: "Preconditioner"
+    targets: tuple[int, ...] = eqx.field(static=True)
+    features: tuple[int, ...] = eqx.field(static=True)
+
+
+def posterior_precondition_tokens(layout: TokenLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-site token positions: the locals (preconditioned) and the data (read with the globals)."""
+    positions = np.arange(layout.tokens_per_site)
+    targets = tuple(int(i) for slot in layout.site_slots if slot.role == "local" for i in positions[slot.tokens])
+    features = tuple(int(i) for slot in layout.site_slots if slot.role != "local" for i in positions[slot.tokens])
+    return targets, features
+
+
+def fit_posterior_preconditioner(tokens: Tokens, layout: TokenLayout, key: PRNGKeyArray,
+                                 config: PreconditionerConfig) -> Optional[PosteriorPreconditioner]:
+    """A `PosteriorPreconditioner` fitted to the real sites of `tokens` (the posterior's
+    normalised tokens, leading batch axis); None where the sites have no locals."""
+    targets, features = posterior_precondition_tokens(layout)
+    if not targets:
+        return None
+    real = np.asarray(tokens.site_mask).reshape(-1) > 0
+    all_features = np.asarray(_token_features(tokens.global_values, tokens.site_values, features), np.float64)
+    x = all_features.reshape(-1, all_features.shape[-1])[real][:, :-1]
+    y = np.asarray(tokens.site_values, np.float64).reshape(-1, tokens.site_values.shape[-1])[real][:, list(targets)]
+    # The linear start: least-squares location, constant log scale at the residuals' sd.
+    design = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    loc = np.linalg.lstsq(design, y, rcond=None)[0]
+    log_scale = np.zeros_like(loc)
+    log_scale[-1] = np.log(np.maximum((y - design @ loc).std(axis=0), 1e-6))
+    linear = jnp.asarray(np.concatenate([loc, log_scale], axis=1), jnp.float32)
+    net = fit_preconditioner(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), key, config,
+                             linear if config.linear_start else None)
+    return PosteriorPreconditioner(net, targets, features)
+
+
+@eqx.filter_jit
+def _precondition_chunk(normaliser: Normaliser, tokens: Tokens) -> Tokens:
+    site_values = normaliser.precondition(tokens.global_values, tokens.site_values) * tokens.site_mask[..., None]
+    return dataclasses.replace(tokens, site_values=site_values)
+
+
+def precondition_tokens(normaliser: Normaliser, tokens: Tokens, chunk: int = 1024) -> Tokens:
+    """Normalised posterior tokens (from the normaliser without the posterior preconditioner) →
+    the same with `normaliser`'s preconditioning applied, in chunks of `chunk` data sets."""
+    num = tokens.site_mask.shape[0]
+    parts = [_precondition_chunk(normaliser, jax.tree.map(lambda a: a[i:i + chunk], tokens))
+             for i in range(0, num, chunk)]
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
 def noncentred_locals(lowered: LoweredModel, strategy) -> tuple[str, ...]:
@@ -897,6 +994,7 @@ class Trained:
     seconds: dict[str, float]
     simulations: Optional[Values] = None  # kept in memory for sequential rounds; never saved
     truncation: Optional["Truncation"] = None  # the last sequential round's proposal region, if any
+    posterior_preconditioner: Optional[PosteriorPreconditioner] = None  # `LF.posterior_precondition`
 
 
 def _fit(network, data, key, config: TrainConfig, log: StageLog, on_epoch, *, validation_data=None,
@@ -998,9 +1096,10 @@ def train_lf(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy: LF
 
     layout = TokenLayout.from_ir(lowered.ir, max_sites=max_sites)
     posterior = strategy.posterior.build(layout, k_net_p)
-    posterior = posterior_stage(lowered, surrogate, normaliser, posterior, k_pool, k_train_p, strategy, budget,
-                                max_sites, stages["posterior"], seconds, progress)
-    return Trained(normaliser, posterior, surrogate, max_sites, counter.calls, stages, seconds, sims)
+    posterior, preconditioner = posterior_stage(lowered, surrogate, normaliser, posterior, k_pool, k_train_p, strategy,
+                                                budget, max_sites, stages["posterior"], seconds, progress)
+    return Trained(normaliser, posterior, surrogate, max_sites, counter.calls, stages, seconds, sims,
+                   posterior_preconditioner=preconditioner)
 
 
 def _member_key(key: PRNGKeyArray, member: int) -> PRNGKeyArray:
@@ -1040,10 +1139,14 @@ def surrogate_stage(lowered: LoweredModel, sims: Values, normaliser: Normaliser,
 def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normaliser: Normaliser,
                     network: TokenTransformer, key_pool: PRNGKeyArray, key: PRNGKeyArray, strategy: LF, budget: int,
                     max_sites: int, log: StageLog, seconds: dict, progress,
-                    truncation: Optional["Truncation"] = None) -> TokenTransformer:
+                    truncation: Optional["Truncation"] = None,
+                    preconditioner: Optional[PosteriorPreconditioner] = None,
+                    ) -> tuple[TokenTransformer, Optional[PosteriorPreconditioner]]:
     """Assemble synthetic multi-site data sets from the prior and the surrogate (no simulator
     calls), then train the posterior network on random site subsets of them. With `truncation`
-    (a sequential round), their globals come from the prior truncated to its box."""
+    (a sequential round), their globals come from the prior truncated to its box. With
+    `strategy.posterior_precondition`, the posterior's `preconditioner` (a previous round's, or
+    fitted here to the pool) is applied to the pool first; returns the network and it."""
     layout1 = TokenLayout.from_ir(lowered.ir, max_sites=1)
     split1 = surrogate_split(layout1, lowered)
     start = time.perf_counter()
@@ -1052,8 +1155,9 @@ def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normalis
     if truncation is not None:
         key_pool, k_globals = jr.split(key_pool)
         globals, _, _ = sample_truncated(lowered, k_globals, num_synthetic, truncation, with_site=False)
+    noncentred = noncentred_locals(lowered, strategy)
     pool = synthetic_pool(lowered, surrogate, split1, normaliser, key_pool, num_synthetic, max_sites,
-                          strategy.sampler, globals=globals, noncentred=noncentred_locals(lowered, strategy),
+                          strategy.sampler, globals=globals, noncentred=noncentred,
                           progress=progress.bar("synthesise", num_synthetic))
     seconds["synthesise"] = seconds.get("synthesise", 0.0) + time.perf_counter() - start
 
@@ -1062,6 +1166,8 @@ def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normalis
     k_val, key = jr.split(key)
     config = strategy.posterior_training
     n_val = max(1, int(round(num_synthetic * config.validation_fraction)))
+    pool, preconditioner = _posterior_preconditioning(pool, n_val, normaliser, layout, noncentred, strategy,
+                                                      preconditioner, jr.fold_in(key, 1), seconds, progress)
     train_pool = jax.tree.map(lambda a: a[n_val:], pool)
     val_pool = jax.tree.map(lambda a: a[:n_val], pool)
     generator = SiteSubsets(train_pool, layout, split, config.batch_size, strategy.min_sites,
@@ -1071,7 +1177,28 @@ def posterior_stage(lowered: LoweredModel, surrogate: TokenTransformer, normalis
               validation_data=validation, steps_per_epoch=config.steps_per_epoch)
     seconds["posterior"] = seconds.get("posterior", 0.0) + log.seconds
     _report(progress, "posterior", log)
-    return vf.network
+    return vf.network, preconditioner
+
+
+def _posterior_preconditioning(tokens: Tokens, num_validation: int, normaliser: Normaliser, layout: TokenLayout,
+                               noncentred: tuple[str, ...], strategy, preconditioner: Optional[PosteriorPreconditioner],
+                               key: PRNGKeyArray, seconds: dict, progress) -> tuple[Tokens, Optional[PosteriorPreconditioner]]:
+    """The posterior's tokens with `strategy.posterior_precondition` applied: `preconditioner`, or
+    one fitted to the tokens after the first `num_validation` (the training part)."""
+    if not getattr(strategy, "posterior_precondition", False):
+        return tokens, None
+    if preconditioner is None:
+        start = time.perf_counter()
+        preconditioner = fit_posterior_preconditioner(jax.tree.map(lambda a: a[num_validation:], tokens), layout,
+                                                      key, strategy.preconditioner)
+        elapsed = time.perf_counter() - start
+        seconds["posterior"] = seconds.get("posterior", 0.0) + elapsed  # the posterior stage's time includes it
+        progress.message("precondition posterior: " + (
+            f"network location-scale fit of the sites' locals given the globals and their data, {elapsed:.1f}s"
+            if preconditioner is not None else "nothing to precondition (the sites have no locals)"))
+    if preconditioner is None:
+        return tokens, None
+    return precondition_tokens(posterior_normaliser(normaliser, layout, noncentred, preconditioner), tokens), preconditioner
 
 
 def simulate_sites_at(lowered: LoweredModel, key: PRNGKeyArray, globals: Values, site_params: Values,
@@ -1257,15 +1384,16 @@ def refine_lf(lowered: LoweredModel, trained: Trained, truncation: Truncation, b
     surrogate = surrogate_members(lowered, sims, trained.normaliser, trained.surrogate, k_deq, k_train_s, strategy,
                                   stages, progress)
     seconds["surrogate"] = seconds.get("surrogate", 0.0) + sum(stages[_member_stage(m)].seconds for m in members)
-    posterior = posterior_stage(lowered, surrogate, trained.normaliser, trained.posterior, k_pool, k_train_p,
-                                strategy, counter.calls, trained.max_sites, stages["posterior"], seconds, progress,
-                                truncation=truncation)
+    posterior, preconditioner = posterior_stage(lowered, surrogate, trained.normaliser, trained.posterior, k_pool,
+                                                k_train_p, strategy, counter.calls, trained.max_sites,
+                                                stages["posterior"], seconds, progress, truncation=truncation,
+                                                preconditioner=trained.posterior_preconditioner)
     for name, log in stages.items():
         old = trained.stages[name]
         stages[name] = StageLog(old.train_loss + log.train_loss, old.val_loss + log.val_loss,
                                 len(old.train_loss) + log.best_epoch, old.seconds + log.seconds)
     return Trained(trained.normaliser, posterior, surrogate, trained.max_sites, counter.calls, stages, seconds, sims,
-                   truncation)
+                   truncation, preconditioner)
 
 
 def _default_pool(budget: int, max_sites: int, tokens_per_site: int) -> int:
@@ -1411,8 +1539,11 @@ def train_direct(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy
     config = strategy.posterior_training
     n_val = max(1, int(round(num * config.validation_fraction)))
     order = np.asarray(jr.permutation(k_val, num))
-    val_tokens = jax.tree.map(lambda a: a[order[:n_val]], tokens)
-    train_tokens = jax.tree.map(lambda a: a[order[n_val:]], tokens)
+    tokens = jax.tree.map(lambda a: a[order], tokens)  # validation first, as the LF pool
+    tokens, preconditioner = _posterior_preconditioning(tokens, n_val, normaliser, layout, noncentred, strategy, None,
+                                                        jr.fold_in(k_train, 1), seconds, progress)
+    val_tokens = jax.tree.map(lambda a: a[:n_val], tokens)
+    train_tokens = jax.tree.map(lambda a: a[n_val:], tokens)
     stages = {"posterior": StageLog()}
     generator = SiteSubsets(train_tokens, layout, split, min(config.batch_size, max(1, num - n_val)),
                             strategy.min_sites, strategy.all_sites_fraction)
@@ -1421,9 +1552,10 @@ def train_direct(lowered: LoweredModel, budget: int, key: PRNGKeyArray, strategy
     vf = _fit(_VF(network, split), generator, k_train, config, stages["posterior"],
               progress.epochs("posterior", config.max_epochs), validation_data=validation,
               steps_per_epoch=config.steps_per_epoch)
-    seconds["posterior"] = stages["posterior"].seconds
+    seconds["posterior"] = seconds.get("posterior", 0.0) + stages["posterior"].seconds
     _report(progress, "posterior", stages["posterior"])
-    return Trained(normaliser, vf.network, None, max_sites, counter.calls, stages, seconds)
+    return Trained(normaliser, vf.network, None, max_sites, counter.calls, stages, seconds,
+                   posterior_preconditioner=preconditioner)
 
 
 class _NoProgress:

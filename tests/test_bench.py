@@ -248,6 +248,25 @@ def test_precondition_setting_reaches_the_lf_strategy():
     assert on.training_key() != bench.QUICK.training_key()
 
 
+def test_posterior_precondition_reaches_both_strategies_and_keys_only_when_on(tmp_path, monkeypatch):
+    import dataclasses
+
+    assert not bench.strategy(bench.QUICK, "lf").posterior_precondition
+    on = dataclasses.replace(bench.QUICK, posterior_precondition=True)
+    assert bench.strategy(on, "lf").posterior_precondition and bench.strategy(on, "direct").posterior_precondition
+    assert on.training_key() != bench.QUICK.training_key()
+    assert on.training_key()["direct"]["posterior_precondition"] is True
+    # Off, the setting is left out of the key, so folders cached before it existed still match.
+    off = bench.QUICK.training_key()
+    assert "posterior_precondition" not in off["lf"] and "posterior_precondition" not in off["direct"]
+    assert "preconditioner" not in off["direct"] and "preconditioner" in off["lf"]
+    parsed = []
+    monkeypatch.setattr(bench.Bench, "run", lambda self: parsed.append(self.settings))  # the option, not a run
+    code, _, err = run_cli("bench", "--quick", "--posterior-precondition", "-o", str(tmp_path))
+    assert code == 0, err
+    assert parsed and parsed[0].posterior_precondition is True
+
+
 def test_lf_site_counts_share_the_single_site_stages(quick_run, tmp_path):
     """LF's simulations and surrogates do not depend on n_s: a site-count sweep trains them once.
     Here the quick run's (5 sites) are reused for 3 sites."""
