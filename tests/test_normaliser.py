@@ -281,3 +281,24 @@ end
     rng = np.random.default_rng(0)
     tokens = _tokens(rng.normal(size=(50, 1)), rng.normal(size=(50, 2, 1)), np.ones((50, 2)))
     assert lf.fit_posterior_preconditioner(tokens, layout, jax.random.key(0), SMALL) is None
+
+
+def test_a_later_round_applies_the_first_rounds_posterior_preconditioner():
+    """Sequential rounds warm-start the posterior network, so a later round keeps the
+    preconditioner its tokens were trained in (`refine_lf` passes it to `posterior_stage`)."""
+    import jax
+
+    layout = _layout()
+    tokens = _located_tokens(n=2000)
+    norm = lf.Normaliser.fit(tokens)
+    standard = lf.posterior_normaliser(norm, layout, ()).forward(tokens)
+    pre = lf.fit_posterior_preconditioner(standard, layout, jax.random.key(0), SMALL)
+    seconds = {}
+    out, kept = lf._posterior_preconditioning(standard, 100, norm, layout, (), lf.LF(posterior_precondition=True), pre,
+                                              jax.random.key(1), seconds, lf._NoProgress())
+    assert kept is pre and seconds == {}  # applied, not refitted
+    np.testing.assert_allclose(out.site_values, lf.posterior_normaliser(norm, layout, (), pre).forward(tokens).site_values,
+                               atol=1e-5)
+    off, none = lf._posterior_preconditioning(standard, 100, norm, layout, (), lf.LF(), pre, jax.random.key(1),
+                                              seconds, lf._NoProgress())
+    assert none is None and off is standard
