@@ -498,9 +498,7 @@ class Normaliser(eqx.Module):
 def _features(global_values, site_values, observed: tuple[int, ...]):
     """Per site: the global tokens, the site's other tokens and a constant (the last feature)."""
     conditioning = np.setdiff1d(np.arange(site_values.shape[-1]), np.asarray(observed, int))
-    shape = site_values.shape[:-1]
-    return jnp.concatenate([jnp.broadcast_to(global_values[..., None, :], (*shape, global_values.shape[-1])),
-                            site_values[..., conditioning], jnp.ones((*shape, 1), site_values.dtype)], axis=-1)
+    return _token_features(global_values, site_values, tuple(int(i) for i in conditioning))
 
 
 def _token_features(global_values, site_values, tokens: tuple[int, ...]):
