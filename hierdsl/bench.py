@@ -16,7 +16,8 @@ and, once per amortised estimator, its calibration: SBC ranks and expected cover
 `sbc_sims` prior simulations (`hierdsl check`'s verdict per parameter group), in
 `OUT/calibration.jsonl`.
 
-Everything expensive is cached in `OUT/cache/` (observations, references, estimators), and every
+Everything expensive is cached in `OUT/cache/` (observations, references, estimators; made from the
+task files recorded in `OUT/cache/sources.json`, and refused for any other), and every
 scored row is appended to `OUT/results.jsonl` as soon as it exists, so an interrupted run resumes
 where it stopped. `OUT/results.md` holds the table (mean and bootstrap 95% interval of the mean over
 the observations, then the calibration table) and `OUT/<task>.png` the plots (C2ST against budget, and against the site count
@@ -246,7 +247,36 @@ class Bench:
     def model(self, task: str, n: int):
         from hierdsl.model import compile
 
+        self._check_source(task)
         return compile(os.path.join(EXAMPLES, TASKS[task].file), args={"n_sites": n})
+
+    def _source_digest(self, task: str) -> str:
+        with open(os.path.join(EXAMPLES, TASKS[task].file), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    def _check_source(self, task: str) -> None:
+        """The cached observations, references, estimators and rows of `task` are named by the
+        settings, not by the task's model file; `cache/sources.json` records the file each task's
+        entries came from, and a different file (an edited example, another hierdsl version's) is
+        refused rather than mixed with them."""
+        from hierdsl.cli import UserError
+
+        path = os.path.join(self.cache, "sources.json")
+        sources = {}
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    sources = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path}: unreadable ({exc}); delete it to start the cache afresh") from None
+        digest = self._source_digest(task)
+        if task not in sources:
+            atomic_write(path, json.dumps({**sources, task: digest}, indent=1, sort_keys=True))
+        elif sources[task] != digest:
+            raise UserError(f"the cache in {self.cache} holds {task} results of a different "
+                            f"{TASKS[task].file} than {os.path.join(EXAMPLES, TASKS[task].file)}: "
+                            f"use another --output folder, or delete that folder's {task} entries and "
+                            f"{task!r} from {path}")
 
     def observations(self, task: str, model, n: int) -> list[tuple[dict, dict]]:
         """`(data, truth)` per observation, drawn from the prior with fixed seeds."""
@@ -324,9 +354,7 @@ class Bench:
 
         s = self.settings
         lf_strategy = strategy(s, "lf")
-        with open(os.path.join(EXAMPLES, TASKS[task].file), "rb") as f:
-            source = hashlib.sha256(f.read()).hexdigest()
-        fingerprint = {"task": task, "source": source, "budget": budget, "seed": s.seed,
+        fingerprint = {"task": task, "source": self._source_digest(task), "budget": budget, "seed": s.seed,
                        **{field: dataclasses.asdict(lf_strategy)[field] for field in SINGLE_SITE_SETTINGS}}
         return PartialRun(os.path.join(self.cache, f"lf_single_site_{task}_{budget}_{_digest(fingerprint)}"),
                           fingerprint)

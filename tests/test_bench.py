@@ -142,6 +142,26 @@ def test_missing_calibration_is_computed_alone_from_the_cached_estimators(quick_
     assert "20 × 10" in out
 
 
+def test_cache_of_another_task_file_is_refused(quick_run, tmp_path):
+    # The cache records the task file its entries came from; a folder made from an edited example
+    # stops with the reason instead of mixing that file's observations and estimators with this one's.
+    copy, lines = copy_keeping_rows(quick_run, str(tmp_path / "edited"), slice(None, -1))
+    path = os.path.join(copy, "cache", "sources.json")
+    recorded = json.load(open(path))
+    assert recorded == {"gaussian_linear": bench.Bench(bench.QUICK, copy)._source_digest("gaussian_linear")}
+    with open(path, "w") as f:
+        json.dump({"gaussian_linear": "0" * 64}, f)
+    code, out, err = run_cli("bench", "--quick", "-o", copy)
+    assert code == 1 and "Traceback" not in err
+    assert "holds gaussian_linear results of a different gaussian_linear.hsbi" in err and path in err
+    assert open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True) == lines[:-1]
+    # A folder from before the record existed is taken as it is, and gets one.
+    os.remove(path)
+    code, _, err = run_cli("bench", "--quick", "-o", copy, "--quiet")
+    assert code == 0, err
+    assert json.load(open(path)) == recorded
+
+
 def test_sbc_sims_zero_skips_calibration(quick_run, tmp_path):
     copy, _ = copy_keeping_rows(quick_run, str(tmp_path / "none"), slice(None))
     os.remove(os.path.join(copy, "calibration.jsonl"))
