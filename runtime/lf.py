@@ -660,6 +660,15 @@ class PosteriorPreconditioner(eqx.Module):
     targets: tuple[int, ...] = eqx.field(static=True)
     features: tuple[int, ...] = eqx.field(static=True)
 
+    def residual_scale(self, tokens: Tokens) -> float:
+        """The median of the fitted scales over the real sites of `tokens` (normalised posterior
+        tokens, before preconditioning) and the locals: how narrow, as a share of their prior's
+        width, the locals are given the globals and their site's data."""
+        real = np.asarray(tokens.site_mask).reshape(-1) > 0
+        features = _token_features(tokens.global_values, tokens.site_values, self.features)
+        _, log_scale = self.net(features.reshape(-1, features.shape[-1])[real][:, :-1])
+        return float(np.median(np.exp(np.asarray(log_scale))))
+
 
 def posterior_precondition_tokens(layout: TokenLayout) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per-site token positions: the locals (preconditioned) and the data (read with the globals)."""
@@ -1187,12 +1196,13 @@ def _posterior_preconditioning(tokens: Tokens, num_validation: int, normaliser: 
         return tokens, None
     if preconditioner is None:
         start = time.perf_counter()
-        preconditioner = fit_posterior_preconditioner(jax.tree.map(lambda a: a[num_validation:], tokens), layout,
-                                                      key, strategy.preconditioner)
+        training = jax.tree.map(lambda a: a[num_validation:], tokens)
+        preconditioner = fit_posterior_preconditioner(training, layout, key, strategy.preconditioner)
         elapsed = time.perf_counter() - start
         seconds["posterior"] = seconds.get("posterior", 0.0) + elapsed  # the posterior stage's time includes it
         progress.message("precondition posterior: " + (
-            f"network location-scale fit of the sites' locals given the globals and their data, {elapsed:.1f}s"
+            "network location-scale fit of the sites' locals given the globals and their data (residual "
+            f"scale {preconditioner.residual_scale(training):.3g} of the prior's, median), {elapsed:.1f}s"
             if preconditioner is not None else "nothing to precondition (the sites have no locals)"))
     if preconditioner is None:
         return tokens, None

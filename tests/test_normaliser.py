@@ -259,6 +259,9 @@ def test_posterior_preconditioner_gives_each_sites_locals_as_residuals_given_glo
     for cell in np.array_split(np.argsort(b[:, 0]), 4):
         assert abs(residual[cell].mean()) < 0.1 and abs(residual[cell].std() - 1.0) < 0.15, residual[cell].std()
     np.testing.assert_array_equal(z[..., 1], np.asarray(standard.site_values[..., 1]))  # the data pass through
+    # The reported residual scale: given a and d, c's sd is s / sqrt(1 + s^2) with s = 0.1 b; at
+    # the median b (1) and in units of c's prior spread (sqrt 2), 0.0704.
+    assert abs(pre.residual_scale(standard) - 0.1 / np.sqrt(1.01) / np.sqrt(2.0)) < 0.01
     np.testing.assert_allclose(full.inverse(full.forward(tokens)).site_values, tokens.site_values, atol=1e-4)
     split = layout.split(target=("a", "b", "c"), conditioning=("d",))
     _assert_log_jacobian_matches(full, layout, split, [0.8, -0.3])
