@@ -269,6 +269,8 @@ class Bench:
                     sources = json.load(f)
             except (OSError, ValueError) as exc:
                 raise UserError(f"{path}: unreadable ({exc}); delete it to start the cache afresh") from None
+            if not isinstance(sources, dict):
+                raise UserError(f"{path}: not a record of task files (a JSON object); delete it to start afresh")
         digest = self._source_digest(task)
         if task not in sources:
             atomic_write(path, json.dumps({**sources, task: digest}, indent=1, sort_keys=True))

@@ -663,10 +663,11 @@ class PosteriorPreconditioner(eqx.Module):
     def residual_scale(self, tokens: Tokens) -> float:
         """The median of the fitted scales over the real sites of `tokens` (normalised posterior
         tokens, before preconditioning) and the locals: how narrow, as a share of their prior's
-        width, the locals are given the globals and their site's data."""
+        width, the locals are given the globals and their site's data. At most `100_000` sites
+        are read (the first)."""
         real = np.asarray(tokens.site_mask).reshape(-1) > 0
         features = _token_features(tokens.global_values, tokens.site_values, self.features)
-        _, log_scale = self.net(features.reshape(-1, features.shape[-1])[real][:, :-1])
+        _, log_scale = self.net(features.reshape(-1, features.shape[-1])[real][:100_000, :-1])
         return float(np.median(np.exp(np.asarray(log_scale))))
 
 

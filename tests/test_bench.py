@@ -155,6 +155,11 @@ def test_cache_of_another_task_file_is_refused(quick_run, tmp_path):
     assert code == 1 and "Traceback" not in err
     assert "holds gaussian_linear results of a different gaussian_linear.hsbi" in err and path in err
     assert open(os.path.join(copy, "results.jsonl")).read().splitlines(keepends=True) == lines[:-1]
+    for broken, reason in (("{", "unreadable"), ("[1]", "not a record of task files")):
+        with open(path, "w") as f:
+            f.write(broken)
+        code, _, err = run_cli("bench", "--quick", "-o", copy)
+        assert code == 1 and reason in err and path in err and "Traceback" not in err
     # A folder from before the record existed is taken as it is, and gets one.
     os.remove(path)
     code, _, err = run_cli("bench", "--quick", "-o", copy, "--quiet")
