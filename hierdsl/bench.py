@@ -276,9 +276,9 @@ class Bench:
             atomic_write(path, json.dumps({**sources, task: digest}, indent=1, sort_keys=True))
         elif sources[task] != digest:
             raise UserError(f"the cache in {self.cache} holds {task} results of a different "
-                            f"{TASKS[task].file} than {os.path.join(EXAMPLES, TASKS[task].file)}: "
-                            f"use another --output folder, or delete that folder's {task} entries and "
-                            f"{task!r} from {path}")
+                            f"{TASKS[task].file} than {os.path.join(EXAMPLES, TASKS[task].file)} "
+                            f"(recorded in {path}); use another --output folder: that one's cached "
+                            f"{task} files and its {task} rows were made from the other file")
 
     def observations(self, task: str, model, n: int) -> list[tuple[dict, dict]]:
         """`(data, truth)` per observation, drawn from the prior with fixed seeds."""
