@@ -660,14 +660,14 @@ class PosteriorPreconditioner(eqx.Module):
     targets: tuple[int, ...] = eqx.field(static=True)
     features: tuple[int, ...] = eqx.field(static=True)
 
-    def residual_scale(self, tokens: Tokens) -> float:
+    def residual_scale(self, tokens: Tokens, max_sites: int = 100_000) -> float:
         """The median of the fitted scales over the real sites of `tokens` (normalised posterior
         tokens, before preconditioning) and the locals: how narrow, as a share of their prior's
-        width, the locals are given the globals and their site's data. At most `100_000` sites
-        are read (the first)."""
-        real = np.asarray(tokens.site_mask).reshape(-1) > 0
-        features = _token_features(tokens.global_values, tokens.site_values, self.features)
-        _, log_scale = self.net(features.reshape(-1, features.shape[-1])[real][:100_000, :-1])
+        width, the locals are given the globals and their site's data. At most `max_sites` real
+        sites are read (the first data sets' that hold them)."""
+        real_so_far = np.cumsum((np.asarray(tokens.site_mask) > 0).sum(axis=-1))  # per data set, cumulative
+        first = jax.tree.map(lambda a: a[:int(np.searchsorted(real_so_far, max_sites)) + 1], tokens)
+        _, log_scale = self.net(jnp.asarray(_real_site_features(first, self.features)[:max_sites], jnp.float32))
         return float(np.median(np.exp(np.asarray(log_scale))))
 
 
@@ -679,6 +679,14 @@ def posterior_precondition_tokens(layout: TokenLayout) -> tuple[tuple[int, ...],
     return targets, features
 
 
+def _real_site_features(tokens: Tokens, features: tuple[int, ...]) -> np.ndarray:
+    """The `PosteriorPreconditioner`'s inputs at every real site of `tokens` (leading batch axis),
+    one row per site: the globals and the site's tokens at `features`."""
+    real = np.asarray(tokens.site_mask).reshape(-1) > 0
+    rows = np.asarray(_token_features(tokens.global_values, tokens.site_values, features), np.float64)
+    return rows.reshape(-1, rows.shape[-1])[real][:, :-1]
+
+
 def fit_posterior_preconditioner(tokens: Tokens, layout: TokenLayout, key: PRNGKeyArray,
                                  config: PreconditionerConfig) -> Optional[PosteriorPreconditioner]:
     """A `PosteriorPreconditioner` fitted to the real sites of `tokens` (the posterior's
@@ -687,8 +695,7 @@ def fit_posterior_preconditioner(tokens: Tokens, layout: TokenLayout, key: PRNGK
     if not targets:
         return None
     real = np.asarray(tokens.site_mask).reshape(-1) > 0
-    all_features = np.asarray(_token_features(tokens.global_values, tokens.site_values, features), np.float64)
-    x = all_features.reshape(-1, all_features.shape[-1])[real][:, :-1]
+    x = _real_site_features(tokens, features)
     y = np.asarray(tokens.site_values, np.float64).reshape(-1, tokens.site_values.shape[-1])[real][:, list(targets)]
     # The linear start: least-squares location, constant log scale at the residuals' sd.
     design = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)

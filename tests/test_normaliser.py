@@ -262,6 +262,11 @@ def test_posterior_preconditioner_gives_each_sites_locals_as_residuals_given_glo
     # The reported residual scale: given a and d, c's sd is s / sqrt(1 + s^2) with s = 0.1 b; at
     # the median b (1) and in units of c's prior spread (sqrt 2), 0.0704.
     assert abs(pre.residual_scale(standard) - 0.1 / np.sqrt(1.01) / np.sqrt(2.0)) < 0.01
+    # It reads at most `max_sites` sites, the first ones (here 5 of the first two data sets' 6).
+    first = np.concatenate([np.asarray(standard.global_values[:2, None, :]).repeat(3, axis=1),
+                            np.asarray(standard.site_values[:2, :, 1:2])], axis=-1).reshape(6, -1)[:5]
+    expected = np.median(np.exp(np.asarray(pre.net(first.astype(np.float32))[1])))
+    assert pre.residual_scale(standard, max_sites=5) == pytest.approx(expected, rel=1e-6)
     np.testing.assert_allclose(full.inverse(full.forward(tokens)).site_values, tokens.site_values, atol=1e-4)
     split = layout.split(target=("a", "b", "c"), conditioning=("d",))
     _assert_log_jacobian_matches(full, layout, split, [0.8, -0.3])
