@@ -122,6 +122,7 @@ class Settings:
     batch_size: Optional[int] = None  # the posterior network's batch; None: the library default
     precondition: Optional[str] = None  # LF's surrogate preconditioning, "network", "linear" or "off"; None: the library default
     posterior_precondition: bool = False  # the posterior network's preconditioning of the locals (lf and direct)
+    globals_precondition: bool = False  # the posterior network's preconditioning of the globals (lf and direct)
     c2st_steps: int = 1000
     c2st_width: int = 256  # cap on the classifiers' hidden width (sbibm: 10 · dim)
     lc2st_pairs: int = 1000
@@ -133,13 +134,16 @@ class Settings:
 
     def training_key(self) -> dict:
         # Every training setting, library defaults included, so a changed default retrains; except
-        # that the posterior preconditioning, while off, is left out, as are the preconditioner's
-        # settings that only it reads (direct's), so that folders from before it existed still match.
+        # that the posterior's preconditionings, while off, are left out, as are the settings that
+        # only they read, so that folders from before they existed still match.
         key = {m: dataclasses.asdict(strategy(self, m)) for m in ("lf", "direct")}
         for method, fields in (("lf", ("posterior_precondition",)), ("direct", ("posterior_precondition", "preconditioner"))):
             if not key[method]["posterior_precondition"]:
                 for field in fields:
                     del key[method][field]
+        for method in ("lf", "direct"):
+            if not key[method]["globals_precondition"]:
+                del key[method]["globals_precondition"], key[method]["globals_preconditioner"]
         return key
 
 
@@ -171,12 +175,14 @@ def strategy(settings: Settings, method: str):
         posterior_training = dataclasses.replace(posterior_training, batch_size=settings.batch_size)
     if method == "direct":
         return lf.Direct(posterior=net, posterior_training=posterior_training,
-                         posterior_precondition=settings.posterior_precondition)
+                         posterior_precondition=settings.posterior_precondition,
+                         globals_precondition=settings.globals_precondition)
     extra = {} if settings.precondition is None else {
         "precondition": None if settings.precondition == "off" else settings.precondition}
     return lf.LF(surrogate=net, posterior=net, surrogate_training=surrogate_training,
                  posterior_training=posterior_training, num_synthetic=settings.num_synthetic,
-                 posterior_precondition=settings.posterior_precondition, **extra)
+                 posterior_precondition=settings.posterior_precondition,
+                 globals_precondition=settings.globals_precondition, **extra)
 
 
 # ----------------------------------------------------------------------------- caching
@@ -741,6 +747,8 @@ def cmd_bench(ns) -> int:
         changes["precondition"] = ns.precondition
     if ns.posterior_precondition:
         changes["posterior_precondition"] = True
+    if ns.globals_precondition:
+        changes["globals_precondition"] = True
     settings = dataclasses.replace(base, **changes)
     if settings.observations < 1 or any(b < 10 for b in settings.budgets) or any(n < 1 for n in settings.sites):
         raise UserError("--observations and --sites must be at least 1, --budgets at least 10")
@@ -784,6 +792,9 @@ def add_parser(sub) -> None:
     p.add_argument("--posterior-precondition", action="store_true",
                    help="the posterior network (lf and direct) sees each site's locals as residuals of a "
                         "location-scale network fitted to them given the globals and the site's own data (off by default)")
+    p.add_argument("--globals-precondition", action="store_true",
+                   help="the posterior network (lf and direct) sees the globals as residuals of a location-scale "
+                        "network fitted to them given all the sites' data (off by default)")
     p.add_argument("--sbc-sims", type=int,
                    help="calibration of each amortised estimator: prior simulations for SBC and coverage "
                         "(default 200; cpu preset 100; 0 skips it)")

@@ -8,7 +8,8 @@ Layout::
                                         training log, payload length and SHA-256
     payload                             `equinox.tree_serialise_leaves` of (normaliser,
                                         posterior network, surrogate network or nothing[,
-                                        posterior preconditioner where the header lists one])
+                                        posterior preconditioner][, globals preconditioner],
+                                        each preconditioner where the header lists one)
 
 Loading checks the magic, the header, the payload's length and checksum, and (when a model is
 given) that the model's IR hash matches; each failure is a clear `CheckpointError` naming the file.
@@ -62,7 +63,8 @@ def _strategy_from_json(obj: dict):
     cls = {"lf": lf.LF, "direct": lf.Direct}[name]
     nested = {"surrogate": lf.NetworkConfig, "posterior": lf.NetworkConfig,
               "surrogate_training": lf.TrainConfig, "posterior_training": lf.TrainConfig,
-              "sampler": lf.SamplerConfig, "preconditioner": lf.PreconditionerConfig}
+              "sampler": lf.SamplerConfig, "preconditioner": lf.PreconditionerConfig,
+              "globals_preconditioner": lf.PreconditionerConfig}
     kwargs = {k: (nested[k](**v) if k in nested and isinstance(v, dict) else v) for k, v in obj.items()}
     # Files written before the fields existed drew their site counts uniformly and gave the
     # posterior network the locals as they are (centred).
@@ -91,8 +93,9 @@ def save_estimator(path: str, estimator) -> None:
     trained = estimator.trained
     buffer = io.BytesIO()
     leaves = (trained.normaliser, trained.posterior, trained.surrogate)
-    pre = trained.posterior_preconditioner
-    eqx.tree_serialise_leaves(buffer, leaves if pre is None else (*leaves, pre))
+    pre, globals_pre = trained.posterior_preconditioner, trained.globals_preconditioner
+    # The preconditioners' weights, those that exist, follow the surrogate's in this order.
+    eqx.tree_serialise_leaves(buffer, (*leaves, *(p for p in (pre, globals_pre) if p is not None)))
     payload = buffer.getvalue()
     header = {
         "format": "hsbe",
@@ -124,6 +127,11 @@ def save_estimator(path: str, estimator) -> None:
         # network size; its weights follow the surrogate's
         "posterior_preconditioner": None if pre is None else {
             "targets": list(pre.targets), "features": list(pre.features), "network": _network_shape(pre.net)},
+        # with the globals' preconditioner (`LF.globals_precondition`), its data token positions and
+        # size; its weights follow
+        "globals_preconditioner": None if globals_pre is None else {
+            "features": list(globals_pre.features), "globals": int(globals_pre.head.out_size) // 2,
+            "width": int(globals_pre.encoder.width_size), "depth": int(globals_pre.encoder.depth)},
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
@@ -213,17 +221,23 @@ def load(path: str, model=None, *, functions: Optional[Mapping[str, Callable]] =
         net = lf.Preconditioner(network["features"], network["observations"], network["width"], network["depth"],
                                 jr.key(0))
         like = (*like, lf.PosteriorPreconditioner(net, tuple(pre["targets"]), tuple(pre["features"])))
+    globals_pre = header.get("globals_preconditioner")
+    if globals_pre:
+        like = (*like, lf.GlobalsPreconditioner(tuple(globals_pre["features"]), globals_pre["globals"],
+                                                globals_pre["width"], globals_pre["depth"], jr.key(0)))
     try:
         normaliser, posterior, surrogate, *rest = eqx.tree_deserialise_leaves(io.BytesIO(payload), like)
     except Exception as exc:  # a payload that does not fit the networks the header describes
         raise _fail(path, f"estimator file `{path}` does not match the networks its header describes: {exc}") from None
-    posterior_preconditioner = rest[0] if rest else None
+    posterior_preconditioner = rest.pop(0) if pre else None
+    globals_preconditioner = rest.pop(0) if globals_pre else None
     if not isinstance(normaliser, lf.Normaliser):
         normaliser = lf.Normaliser(*normaliser, *squash)
     stages = {k: lf.StageLog(**v) for k, v in header["stages"].items()}
     truncation = lf.Truncation.from_json(header["truncation"]) if header.get("truncation") else None
     trained = lf.Trained(normaliser, posterior, surrogate, max_sites, int(header["simulator_calls"]), stages,
-                         dict(header["seconds"]), truncation=truncation, posterior_preconditioner=posterior_preconditioner)
+                         dict(header["seconds"]), truncation=truncation, posterior_preconditioner=posterior_preconditioner,
+                         globals_preconditioner=globals_preconditioner)
     return Estimator(model, strategy, int(header["budget"]), trained)
 
 

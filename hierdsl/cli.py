@@ -132,7 +132,7 @@ def _strategy(ns: argparse.Namespace):
     if precondition is not None and ns.method == "direct":
         raise UserError("--precondition needs --method lf (the direct method has no surrogate)")
     extra = {} if precondition is None else {"precondition": None if precondition == "off" else precondition}
-    both = {"posterior_precondition": True} if getattr(ns, "posterior_precondition", False) else {}
+    both = {name: True for name in ("posterior_precondition", "globals_precondition") if getattr(ns, name, False)}
     if not ns.epochs:
         return lf.Direct(**both) if ns.method == "direct" else lf.LF(**extra, **both)
     surrogate = lf.TrainConfig().with_max_epochs(ns.epochs)
@@ -267,6 +267,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--posterior-precondition", action="store_true",
                    help="the posterior network sees each site's locals as residuals of a location-scale network "
                         "fitted to them given the globals and the site's own data (off by default)")
+    p.add_argument("--globals-precondition", action="store_true",
+                   help="the posterior network sees the globals as residuals of a location-scale network fitted "
+                        "to them given all the sites' data (off by default)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

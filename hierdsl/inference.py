@@ -112,7 +112,7 @@ class Estimator:
         self.noncentred = lf.noncentred_locals(self.lowered, strategy)
         # The posterior network's view of the tokens (its non-centred locals pass through).
         self.normaliser = lf.posterior_normaliser(trained.normaliser, self.layout, self.noncentred,
-                                                  trained.posterior_preconditioner)
+                                                  trained.posterior_preconditioner, trained.globals_preconditioner)
 
     @property
     def max_sites(self) -> int:

@@ -273,23 +273,30 @@ def test_precondition_setting_reaches_the_lf_strategy():
     assert on.training_key() != bench.QUICK.training_key()
 
 
-def test_posterior_precondition_reaches_both_strategies_and_keys_only_when_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, only_its", [("posterior_precondition", {"direct": ("preconditioner",)}),
+                                             ("globals_precondition", {"lf": ("globals_preconditioner",),
+                                                                       "direct": ("globals_preconditioner",)})])
+def test_posterior_preconditionings_reach_both_strategies_and_key_only_when_on(name, only_its, tmp_path, monkeypatch):
     import dataclasses
 
-    assert not bench.strategy(bench.QUICK, "lf").posterior_precondition
-    on = dataclasses.replace(bench.QUICK, posterior_precondition=True)
-    assert bench.strategy(on, "lf").posterior_precondition and bench.strategy(on, "direct").posterior_precondition
+    assert not getattr(bench.strategy(bench.QUICK, "lf"), name)
+    on = dataclasses.replace(bench.QUICK, **{name: True})
+    assert getattr(bench.strategy(on, "lf"), name) and getattr(bench.strategy(on, "direct"), name)
     assert on.training_key() != bench.QUICK.training_key()
-    assert on.training_key()["direct"]["posterior_precondition"] is True
-    # Off, the setting is left out of the key, so folders cached before it existed still match.
+    assert on.training_key()["direct"][name] is True and on.training_key()["lf"][name] is True
+    # Off, the setting (and those only it reads) is left out of the key, so folders cached before
+    # it existed still match.
     off = bench.QUICK.training_key()
-    assert "posterior_precondition" not in off["lf"] and "posterior_precondition" not in off["direct"]
-    assert "preconditioner" not in off["direct"] and "preconditioner" in off["lf"]
+    for method in ("lf", "direct"):
+        assert name not in off[method]
+        for field in only_its.get(method, ()):
+            assert field not in off[method] and field in on.training_key()[method]
+    assert "preconditioner" in off["lf"]
     parsed = []
     monkeypatch.setattr(bench.Bench, "run", lambda self: parsed.append(self.settings))  # the option, not a run
-    code, _, err = run_cli("bench", "--quick", "--posterior-precondition", "-o", str(tmp_path))
+    code, _, err = run_cli("bench", "--quick", "--" + name.replace("_", "-"), "-o", str(tmp_path))
     assert code == 0, err
-    assert parsed and parsed[0].posterior_precondition is True
+    assert parsed and getattr(parsed[0], name) is True
 
 
 def test_lf_site_counts_share_the_single_site_stages(quick_run, tmp_path):

@@ -53,12 +53,14 @@ def test_direct_uses_budget_over_sites_full_simulations():
     counter = CallCounter()
     model = hierdsl.compile(COUNTED, functions={"shift": counter})
     # With the posterior preconditioner (fitted to the simulations: no more calls).
-    strategy = dataclasses.replace(TINY_DIRECT, posterior_precondition=True,
-                                   preconditioner=lf.PreconditionerConfig(width=16, depth=1, steps=100))
+    strategy = dataclasses.replace(TINY_DIRECT, posterior_precondition=True, globals_precondition=True,
+                                   preconditioner=lf.PreconditionerConfig(width=16, depth=1, steps=100),
+                                   globals_preconditioner=dataclasses.replace(lf.GLOBALS_PRECONDITIONER, width=16, depth=1, steps=100))
     estimator = hierdsl.fit(model, budget=150, key=jax.random.key(1), strategy=strategy)
     assert counter.calls == (150 // 4) * 4  # 37 simulations of 4 sites each
     assert estimator.simulator_calls == 148
     assert estimator.trained.posterior_preconditioner.targets == (0,)
+    assert estimator.trained.globals_preconditioner.features == (1,)  # x, read by sigma's
     draws = estimator.condition({"x": np.array([0.5, -0.2, 1.0])}).sample(10, key=jax.random.key(3))
     assert draws["mu"].shape == (10, 3) and np.all(np.isfinite(draws["mu"]))
 
@@ -118,8 +120,9 @@ def test_save_load_gives_identical_samples(counted_lf, tmp_path):
         np.testing.assert_array_equal(a[name], b[name])
     assert again.simulator_calls == 150
     assert [f for f in os.listdir(tmp_path)] == ["est.hsbe"]  # atomic: no temporary left behind
-    # The posterior preconditioner is opt-in: by default nothing is fitted and the file holds none.
+    # The posterior's preconditioners are opt-in: by default nothing is fitted and the file holds none.
     assert estimator.trained.posterior_preconditioner is None and again.trained.posterior_preconditioner is None
+    assert estimator.trained.globals_preconditioner is None and again.trained.globals_preconditioner is None
 
 
 def test_files_from_before_heavy_tail_squashing_load_with_affine_tokens(counted_lf, tmp_path):
@@ -241,6 +244,11 @@ def test_cli_precondition_option_sets_the_strategy(tmp_path):
     assert strategy("--posterior-precondition", "--epochs", "3").posterior_precondition is True
     direct = strategy("--method", "direct", "--posterior-precondition")
     assert isinstance(direct, lf.Direct) and direct.posterior_precondition is True
+    assert strategy().globals_precondition is False and direct.globals_precondition is False
+    both = strategy("--globals-precondition", "--posterior-precondition", "--epochs", "3")
+    assert both.globals_precondition is True and both.posterior_precondition is True
+    direct = strategy("--method", "direct", "--globals-precondition")
+    assert direct.globals_precondition is True and direct.posterior_precondition is False
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(["train", os.path.join(EXAMPLES, "gaussian_linear.hsbi"), "--method", "direct",
@@ -367,17 +375,23 @@ end
 """
 
 
-def test_posterior_preconditioned_estimator_integrates_to_one_and_saves_and_loads(tmp_path):
+@pytest.mark.parametrize("globals_precondition", [False, True])
+def test_posterior_preconditioned_estimator_integrates_to_one_and_saves_and_loads(globals_precondition, tmp_path):
     """`posterior_precondition=True`: the posterior network sees θ (centred: its prior reads no
-    global) as a residual of a regression on x. The density it reports for (s, θ) carries that
-    map's Jacobian and integrates to 1; a saved estimator loads with the preconditioner and draws
-    and scores the same. (Direct's is in `test_direct_uses_budget_over_sites_full_simulations`.)"""
+    global) as a residual of a regression on x; with `globals_precondition=True`, s as one of a
+    regression on the sites' x too. The density it reports for (s, θ) carries the maps' Jacobians
+    and integrates to 1; a saved estimator loads with the preconditioners and draws and scores the
+    same. (Direct's are in `test_direct_uses_budget_over_sites_full_simulations`.)"""
     model = hierdsl.compile(LOCATED)
     small = lf.PreconditionerConfig(width=16, depth=1, steps=200)
-    strategy = dataclasses.replace(TINY_LF, posterior_precondition=True, preconditioner=small)
+    strategy = dataclasses.replace(TINY_LF, posterior_precondition=True, preconditioner=small,
+                                   globals_precondition=globals_precondition,
+                                   globals_preconditioner=dataclasses.replace(lf.GLOBALS_PRECONDITIONER, width=16, depth=1, steps=200))
     estimator = hierdsl.fit(model, budget=200, key=jax.random.key(2), strategy=strategy)
     pre = estimator.trained.posterior_preconditioner
     assert estimator.noncentred == () and pre is not None and pre.targets == (0,) and pre.features == (1,)
+    globals_pre = estimator.trained.globals_preconditioner
+    assert (globals_pre is not None and globals_pre.features == (1,)) if globals_precondition else globals_pre is None
     post = estimator.condition({"x": np.array([1.5])})
     log_s, theta = np.meshgrid(np.linspace(-3.0, 3.0, 49), np.linspace(-14.0, 14.0, 113), indexing="ij")
     points = {"s": np.exp(log_s).ravel(), "theta": theta.ravel()[:, None]}
@@ -389,6 +403,7 @@ def test_posterior_preconditioned_estimator_integrates_to_one_and_saves_and_load
     again = load(path, model)
     assert again.strategy == strategy
     assert again.trained.posterior_preconditioner.targets == pre.targets
+    assert (again.trained.globals_preconditioner is None) == (not globals_precondition)
     draws = post.sample(50, key=jax.random.key(4))
     again_post = again.condition({"x": np.array([1.5])})
     redrawn = again_post.sample(50, key=jax.random.key(4))

@@ -291,6 +291,76 @@ end
     assert lf.fit_posterior_preconditioner(tokens, layout, jax.random.key(0), SMALL) is None
 
 
+GLOBALS_SMALL = lf.PreconditionerConfig(width=32, depth=2, steps=1500, batch_size=64)
+
+
+def test_globals_preconditioner_gives_the_globals_as_residuals_given_all_sites_data():
+    """`LF.globals_precondition`: in `_located_tokens` the global a has the conjugate posterior
+    N(sum d / (k + 1.01), 1 / (1 + k / 1.01)) given k sites' data d (c ~ N(a, 1), d = c + 0.1 b ε
+    with b near 1), and b none worth the name. The fitted location (within 0.2 posterior sds, rms)
+    and scale (within 10%) follow a's at every site count, the map inverts with the locals'
+    preconditioner, and the log-Jacobian of the posterior's density is the triangular map's."""
+    import jax
+
+    layout = _layout()
+    tokens = _located_tokens(n=6000)
+    base = lf.posterior_normaliser(lf.Normaliser.fit(tokens), layout, ())
+    standard = base.forward(tokens)
+    pre = lf.fit_globals_preconditioner(standard, layout, jax.random.key(0), GLOBALS_SMALL)
+    assert pre.features == (1,)  # d: the sites' data, never their locals
+    a, d = np.asarray(tokens.global_values[:, 0]), np.asarray(tokens.site_values[..., 1])
+    a_mean, a_scale = float(base.global_mean[0]), float(base.global_scale[0])
+    for k in (1, 3):
+        mask = np.zeros((500, 3), np.float32)
+        mask[:, :k] = 1.0
+        some = lf.Tokens(standard.global_values[:500], standard.site_values[:500] * mask[..., None],
+                         standard.site_coords[:500], jnp.asarray(mask))
+        loc, log_scale = pre(some.site_values, some.site_mask)
+        exact_loc = (d[:500, :k].sum(1) / (k + 1.01) - a_mean) / a_scale
+        exact_scale = 1.0 / np.sqrt(1.0 + k / 1.01) / a_scale
+        error = np.sqrt(np.mean((np.asarray(loc[:, 0]) - exact_loc) ** 2))
+        assert error < 0.2 * exact_scale, (k, error / exact_scale)
+        assert abs(np.median(np.exp(log_scale[:, 0])) / exact_scale - 1.0) < 0.1, (k, np.exp(log_scale[:, 0]).mean())
+        assert abs(np.median(np.exp(log_scale[:, 1])) - 1.0) < 0.1  # b: the prior's
+        residual = np.asarray(pre.precondition(some).global_values[:, 0])
+        assert abs(residual.mean()) < 0.15 and abs(residual.std() - 1.0) < 0.15
+    assert pre.residual_scale(standard) == pytest.approx(
+        np.median(np.exp(np.asarray(pre(standard.site_values, standard.site_mask)[1]))), rel=1e-6)
+    # With the locals' preconditioner as well: the globals' residuals are taken after the locals'
+    # (which read the standardised globals), and undone before them.
+    locals_pre = lf.fit_posterior_preconditioner(standard, layout, jax.random.key(1), SMALL)
+    full = lf.posterior_normaliser(lf.Normaliser.fit(tokens), layout, (), locals_pre, pre)
+    z = full.forward(tokens)
+    np.testing.assert_allclose(z.global_values, pre.precondition(lf.precondition_tokens(
+        lf.posterior_normaliser(lf.Normaliser.fit(tokens), layout, (), locals_pre), standard)).global_values, atol=1e-5)
+    back = full.inverse(z)
+    np.testing.assert_allclose(back.global_values, tokens.global_values, atol=1e-4)
+    np.testing.assert_allclose(back.site_values, tokens.site_values, atol=1e-4)
+    split = layout.split(target=("a", "b", "c"), conditioning=("d",))
+    _assert_log_jacobian_matches(full, layout, split, [0.8, -0.3])
+    _assert_log_jacobian_matches(lf.posterior_normaliser(lf.Normaliser.fit(tokens), layout, (), None, pre), layout,
+                                 split, [-1.1, 0.4])
+    assert lf.posterior_normaliser(full, layout, ()).globals_net is None  # `without_preconditioning` drops it
+
+
+def test_globals_preconditioner_needs_globals_and_site_data():
+    import hierdsl
+    import jax
+
+    model = hierdsl.compile("""
+model NoGlobals(n::Int = 2)
+    sites i in 1:n
+        c ~ Normal(0.0, 1.0)
+        observe d ~ Normal(c, 1.0)
+    end
+end
+""")
+    layout = TokenLayout.from_ir(model.ir, max_sites=2)
+    rng = np.random.default_rng(0)
+    tokens = _tokens(np.zeros((50, 0)), rng.normal(size=(50, 2, 2)), np.ones((50, 2)))
+    assert lf.fit_globals_preconditioner(tokens, layout, jax.random.key(0), GLOBALS_SMALL) is None
+
+
 def test_a_later_round_applies_the_first_rounds_posterior_preconditioner():
     """Sequential rounds warm-start the posterior network, so a later round keeps the
     preconditioner its tokens were trained in (`refine_lf` passes it to `posterior_stage`)."""
@@ -310,3 +380,10 @@ def test_a_later_round_applies_the_first_rounds_posterior_preconditioner():
     off, none = lf._posterior_preconditioning(standard, 100, norm, layout, (), lf.LF(), pre, jax.random.key(1),
                                               seconds, lf._NoProgress())
     assert none is None and off is standard
+    # The globals' likewise (`posterior_stage` hands it to the round's training batches).
+    globals_pre = lf.fit_globals_preconditioner(standard, layout, jax.random.key(0), GLOBALS_SMALL)
+    on = lf.LF(globals_precondition=True)
+    assert lf._globals_preconditioning(standard, layout, on, globals_pre, jax.random.key(1), seconds,
+                                       lf._NoProgress()) is globals_pre and seconds == {}
+    assert lf._globals_preconditioning(standard, layout, lf.LF(), globals_pre, jax.random.key(1), seconds,
+                                       lf._NoProgress()) is None
