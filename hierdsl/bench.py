@@ -794,7 +794,8 @@ def add_parser(sub) -> None:
                         "location-scale network fitted to them given the globals and the site's own data (off by default)")
     p.add_argument("--globals-precondition", action="store_true",
                    help="the posterior network (lf and direct) sees the globals as residuals of a location-scale "
-                        "network fitted to them given all the sites' data (off by default)")
+                        "network fitted to them given all the sites' data; meant with --posterior-precondition "
+                        "(off by default)")
     p.add_argument("--sbc-sims", type=int,
                    help="calibration of each amortised estimator: prior simulations for SBC and coverage "
                         "(default 200; cpu preset 100; 0 skips it)")

@@ -269,7 +269,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "fitted to them given the globals and the site's own data (off by default)")
     p.add_argument("--globals-precondition", action="store_true",
                    help="the posterior network sees the globals as residuals of a location-scale network fitted "
-                        "to them given all the sites' data (off by default)")
+                        "to them given all the sites' data; meant with --posterior-precondition (off by default)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
