@@ -583,8 +583,7 @@ def fit_preconditioner(features: Float[Array, "n features"], values: Float[Array
     return eqx.combine(best, static)
 
 
-def _preconditioner_loss(params, static, features, values, beta=0.0):
-    loc, log_scale = eqx.combine(params, static)(features)
+def _beta_nll(loc, log_scale, values, beta):
     log_scale = jnp.clip(log_scale, *PRECONDITION_LOG_SCALE)
     nll = log_scale + 0.5 * ((values - loc) * jnp.exp(-log_scale)) ** 2
     # beta-NLL: each term weighted by scale^(2 beta), held constant, so that where the scale is
@@ -592,28 +591,41 @@ def _preconditioner_loss(params, static, features, values, beta=0.0):
     return jnp.mean(jax.lax.stop_gradient(jnp.exp(2.0 * beta * log_scale)) * nll)
 
 
-@eqx.filter_jit
-def _fit_preconditioner(params, static, optimiser, shape, features, values, val_features, val_values, key):
-    checks, every, batch, beta = shape
+def _preconditioner_loss(params, static, features, values, beta=0.0):
+    return _beta_nll(*eqx.combine(params, static)(features), values, beta)
 
+
+def _best_of_steps(params, optimiser, grads, val_loss, key, checks: int, every: int):
+    """`checks * every` optimiser steps with `grads(params, key)`, keeping the parameters with the
+    lowest `val_loss(params)`, checked every `every` steps (and at the start); one `lax.scan`."""
     def step(carry, key):
         params, state = carry
-        idx = jr.randint(key, (batch,), 0, features.shape[0])
-        grads = jax.grad(_preconditioner_loss)(params, static, features[idx], values[idx], beta)
-        updates, state = optimiser.update(grads, state, params)
+        updates, state = optimiser.update(grads(params, key), state, params)
         return (optax.apply_updates(params, updates), state), None
 
     def check(carry, key):
         params, state, best, best_loss = carry
         (params, state), _ = jax.lax.scan(step, (params, state), jr.split(key, every))
-        loss = _preconditioner_loss(params, static, val_features, val_values)
+        loss = val_loss(params)
         better = loss < best_loss
         best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
         return (params, state, best, jnp.where(better, loss, best_loss)), None
 
-    start = (params, optimiser.init(params), params, _preconditioner_loss(params, static, val_features, val_values))
+    start = (params, optimiser.init(params), params, val_loss(params))
     (_, _, best, _), _ = jax.lax.scan(check, start, jr.split(key, checks))
     return best
+
+
+@eqx.filter_jit
+def _fit_preconditioner(params, static, optimiser, shape, features, values, val_features, val_values, key):
+    checks, every, batch, beta = shape
+
+    def grads(params, key):
+        idx = jr.randint(key, (batch,), 0, features.shape[0])
+        return jax.grad(_preconditioner_loss)(params, static, features[idx], values[idx], beta)
+
+    return _best_of_steps(params, optimiser, grads, lambda p: _preconditioner_loss(p, static, val_features, val_values),
+                          key, checks, every)
 
 
 def _heavy_tails(values: np.ndarray, mean, scale):
@@ -864,33 +876,18 @@ def fit_globals_preconditioner(tokens: Tokens, layout: TokenLayout, key: PRNGKey
 
 
 def _globals_loss(params, static, tokens: Tokens, beta=0.0):
-    loc, log_scale = eqx.combine(params, static)(tokens.site_values, tokens.site_mask)
-    nll = log_scale + 0.5 * ((tokens.global_values - loc) * jnp.exp(-log_scale)) ** 2
-    return jnp.mean(jax.lax.stop_gradient(jnp.exp(2.0 * beta * log_scale)) * nll)  # beta-NLL, as the locals'
+    return _beta_nll(*eqx.combine(params, static)(tokens.site_values, tokens.site_mask), tokens.global_values, beta)
 
 
 @eqx.filter_jit
 def _fit_globals(params, static, optimiser, shape, tokens, validation, key):
     checks, every, batch, beta, min_sites, all_sites_fraction = shape
 
-    def step(carry, key):
-        params, state = carry
-        grads = jax.grad(_globals_loss)(params, static, site_subsets(tokens, key, batch, min_sites, all_sites_fraction),
-                                        beta)
-        updates, state = optimiser.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), None
+    def grads(params, key):
+        subsets = site_subsets(tokens, key, batch, min_sites, all_sites_fraction)
+        return jax.grad(_globals_loss)(params, static, subsets, beta)
 
-    def check(carry, key):
-        params, state, best, best_loss = carry
-        (params, state), _ = jax.lax.scan(step, (params, state), jr.split(key, every))
-        loss = _globals_loss(params, static, validation)
-        better = loss < best_loss
-        best = jax.tree.map(lambda new, old: jnp.where(better, new, old), params, best)
-        return (params, state, best, jnp.where(better, loss, best_loss)), None
-
-    start = (params, optimiser.init(params), params, _globals_loss(params, static, validation))
-    (_, _, best, _), _ = jax.lax.scan(check, start, jr.split(key, checks))
-    return best
+    return _best_of_steps(params, optimiser, grads, lambda p: _globals_loss(p, static, validation), key, checks, every)
 
 
 def noncentred_locals(lowered: LoweredModel, strategy) -> tuple[str, ...]:
