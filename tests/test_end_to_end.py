@@ -31,7 +31,7 @@ def test_simulate_then_infer_gaussian_linear(tmp_path):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         assert main(["simulate", model_file, "--arg", "n_sites=8", "--sites", "8", "--seed", "3", "-o", data]) == 0
         assert main(["infer", model_file, "--arg", "n_sites=8", "--data", data, "--budget", "1000",
-                     "--epochs", "60", "--num-samples", "1000", "-o", run, "--quiet"]) == 0
+                     "--epochs", "30", "--num-samples", "1000", "-o", run, "--quiet"]) == 0
     assert sorted(os.listdir(run)) == ["estimator.hsbe", "globals_pair.png", "locals_forest.png", "manifest.json",
                                        "posterior.nc", "summary.csv", "training_loss.png"]
     idata = az.from_netcdf(os.path.join(run, "posterior.nc"))
@@ -47,5 +47,6 @@ def test_simulate_then_infer_gaussian_linear(tmp_path):
     x = np.asarray(idata.observed_data["x"].values)
     exact = posterior_mean_sigma(x)
     estimate = float(idata.posterior["sigma"].mean())
-    # σ's exact posterior sd is ~0.3 here; a budget of 1,000 gets its mean to within 0.2.
+    # σ's exact posterior sd is ~0.3 here; a budget of 1,000 and 30 epochs get its mean to within 0.2
+    # (0.024 off at this seed on 2026-12-07; 0.13 at 15 epochs).
     assert abs(estimate - exact) < 0.2, (estimate, exact)
