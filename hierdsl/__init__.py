@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 from hierdsl.compiler.errors import HsbiError
 from hierdsl.model import Model, compile
 
-__all__ = ["HsbiError", "Model", "compile", "fit", "load", "read_data", "__version__"]
+__all__ = ["HsbiError", "Model", "compile", "enable_compilation_cache", "fit", "load", "read_data", "__version__"]
 
 
 def __getattr__(name):
@@ -21,6 +21,10 @@ def __getattr__(name):
         from hierdsl.checkpoint import load
 
         return load
+    if name == "enable_compilation_cache":
+        from hierdsl.cache import enable_compilation_cache
+
+        return enable_compilation_cache
     if name == "read_data":
         from hierdsl.data import read_data
 

@@ -207,7 +207,8 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         trained_here = True
     t0 = time.perf_counter()
     posterior = estimator.condition(data)
-    samples = posterior.sample(ns.num_samples, key=_key(ns.seed + 1))
+    samples = posterior.sample(ns.num_samples, key=_key(ns.seed + 1),
+                               progress=progress.bar("sample", ns.num_samples))
     samples = {k: np.asarray(v) for k, v in samples.items()}
     sampling_seconds = time.perf_counter() - t0
     finite = all(np.all(np.isfinite(v)) for v in samples.values())
@@ -334,12 +335,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+# Commands that never compile a JAX program, and so leave the compilation cache alone.
+_WITHOUT_JAX = ("compile", "fmt")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
         return 2
+    if ns.command not in _WITHOUT_JAX:
+        from hierdsl.cache import enable_compilation_cache
+
+        # Later runs of the same model and settings load the compiled programs (see hierdsl/cache.py).
+        enable_compilation_cache()
     try:
         with warnings.catch_warnings():
             # Warnings from hierdsl are messages to the user, not source locations.

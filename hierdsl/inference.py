@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import equinox as eqx
 import jax
@@ -25,7 +25,8 @@ from hierdsl.data import Dataset
 from hierdsl.model import Model
 from hierdsl.runtime import lf
 from hierdsl.runtime.flow import log_prob as flow_log_prob
-from hierdsl.runtime.flow import sample as flow_sample
+from hierdsl.runtime.flow import base_samples
+from hierdsl.runtime.flow import integrate as flow_integrate
 from hierdsl.runtime.lower import LoweredModel
 from hierdsl.runtime.nn import TokenVectorField
 from hierdsl.runtime.tokens import TokenLayout, target_mask
@@ -153,7 +154,7 @@ class Estimator:
         site_values = jax.tree.map(stack, *[p.site_values for p in posts])
         fn = _sampler(self, sampler)
         network, normaliser = self.trained.posterior, self.normaliser
-        draws = jax.vmap(lambda c, m, sv, k: fn(network, normaliser, c, m, sv, k, 1))(
+        draws = jax.vmap(lambda c, m, sv, k: fn(network, normaliser, c, m, sv, base_samples(k, 1, m)))(
             contexts, masks, site_values, jr.split(key, num_sets))
         n = posts[0].num_sites
         return {name: np.asarray(value[:, 0, :n] if self.model.ir.variable(name).per_site else value[:, 0])
@@ -193,20 +194,35 @@ class Posterior:
         self.context = estimator.normaliser.forward(raw)
         self.mask = target_mask(estimator.layout, estimator.split, site_mask)
 
-    def sample(self, num: int, *, key, sampler: lf.SamplerConfig = POSTERIOR_SAMPLER) -> dict[str, np.ndarray]:
+    def sample(self, num: int, *, key, sampler: lf.SamplerConfig = POSTERIOR_SAMPLER,
+               progress: Optional[Callable[[int, int], None]] = None) -> dict[str, np.ndarray]:
         """`num` posterior draws: globals `(num, *shape)`, locals `(num, sites, *shape)`.
 
         The flow is integrated with `sampler` (32 fixed Heun steps crowded toward the data end by
-        default; `SamplerConfig(solver="tsit5")` for an adaptive solve). Compiled once per
-        estimator and sampler.
+        default; `SamplerConfig(solver="tsit5")` for an adaptive solve), in equal pieces of at most
+        `sample_chunk(...)` draws (which bounds the memory; each draw is integrated on its own, so
+        the pieces do not change the numbers), calling `progress(done, num)` after each. Compiled
+        once per estimator, sampler and `num`.
         """
-        fn = _sampler(self.estimator, sampler)
-        samples = fn(self.estimator.trained.posterior, self.estimator.normaliser, self.context, self.mask,
-                     self.site_values, key, num)
+        est = self.estimator
+        fn = _sampler(est, sampler)
+        x0 = np.asarray(base_samples(key, num, self.mask))
+        # Equal pieces (the last one padded to the same shape): one compilation per `num`.
+        pieces = max(1, -(-num // sample_chunk(est.layout)))
+        chunk = max(1, -(-num // pieces))
+        parts = []
+        for start in range(0, max(num, 1), chunk):  # num = 0: one empty piece, for the shapes
+            part = x0[start:start + chunk]
+            if num > chunk and len(part) < chunk:  # one compiled shape for every piece
+                part = np.concatenate([part, np.zeros((chunk - len(part), part.shape[1]), part.dtype)])
+            out = fn(est.trained.posterior, est.normaliser, self.context, self.mask, self.site_values, part)
+            parts.append({name: np.asarray(value)[:min(chunk, num - start)] for name, value in out.items()})
+            if progress is not None:
+                progress(min(start + chunk, num), num)
         n = self.num_sites
-        draws = {name: np.asarray(value[:, :n] if self.estimator.model.ir.variable(name).per_site else value)
-                 for name, value in samples.items()}
-        if self.estimator.trained.truncation is not None:
+        draws = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        draws = {name: value[:, :n] if est.model.ir.variable(name).per_site else value for name, value in draws.items()}
+        if est.trained.truncation is not None:
             self._check_region(draws)
         return draws
 
@@ -287,6 +303,19 @@ def _site_values(lowered: LoweredModel, data: Dataset, max_sites: int) -> dict[s
     return out
 
 
+# Token values a piece of `Posterior.sample` carries through the network at once (draws × tokens
+# per draw): its widest activation, the MLP's, is then 34 MB at the default width, whatever the
+# number of draws, and a piece still keeps a CPU's cores busy.
+SAMPLE_CHUNK_TOKENS = 2**15
+
+
+def sample_chunk(layout) -> int:
+    """The most draws `Posterior.sample` integrates at once for an estimator with this token layout:
+    `SAMPLE_CHUNK_TOKENS` token values, between 32 and 512 draws."""
+    tokens = layout.num_global_tokens + layout.max_sites * layout.tokens_per_site
+    return int(min(512, max(32, SAMPLE_CHUNK_TOKENS // max(tokens, 1))))
+
+
 def _sampler(est: Estimator, sampler: lf.SamplerConfig):
     lowered, split, layout, noncentred = est.lowered, est.split, est.layout, est.noncentred
 
@@ -295,9 +324,9 @@ def _sampler(est: Estimator, sampler: lf.SamplerConfig):
         options = sampler.options()
 
         @eqx.filter_jit
-        def sample(network, normaliser, context, mask, site_values, key, num):
+        def sample(network, normaliser, context, mask, site_values, x0):
             vf = TokenVectorField(network, split)
-            x = flow_sample(vf, context, mask, key, num, **options)
+            x = flow_integrate(vf, context, mask, x0, **options)
 
             def decode(xi):
                 tokens = normaliser.inverse(split.scatter(context, xi))

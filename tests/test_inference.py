@@ -125,6 +125,35 @@ def test_save_load_gives_identical_samples(counted_lf, tmp_path):
     assert estimator.trained.globals_preconditioner is None and again.trained.globals_preconditioner is None
 
 
+def test_sampling_in_pieces_gives_the_same_draws_and_reports_progress(counted_lf, monkeypatch):
+    """`Posterior.sample` integrates at most `sample_chunk` draws at a time (the last piece padded
+    to the same shape) and reports after each; the draws are those of one piece, and those of
+    `flow.sample` with the same key."""
+    from hierdsl import inference
+    from hierdsl.runtime.flow import sample as flow_sample
+    from hierdsl.runtime.nn import TokenVectorField
+
+    _, estimator, _ = counted_lf
+    post = estimator.condition({"x": np.array([0.5, -0.2, 1.0])})
+    whole = post.sample(20, key=jax.random.key(3))
+    assert inference.sample_chunk(estimator.layout) == 512  # 4 sites × 2 tokens + 1 global: the cap
+    monkeypatch.setattr(inference, "sample_chunk", lambda layout: 7)
+    calls = []
+    pieces = post.sample(20, key=jax.random.key(3), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(7, 20), (14, 20), (20, 20)]
+    assert pieces["sigma"].shape == (20,) and pieces["mu"].shape == (20, 3)
+    for name in whole:
+        np.testing.assert_allclose(pieces[name], whole[name], rtol=1e-5, atol=1e-6)
+    # The same base draws as sampling the flow in one call: its first global, back in flow space.
+    x = flow_sample(TokenVectorField(estimator.trained.posterior, estimator.split), post.context, post.mask,
+                    jax.random.key(3), 20, **inference.POSTERIOR_SAMPLER.options())
+    sigma = estimator.normaliser.inverse(estimator.split.scatter(post.context, x[0])).global_values
+    z = post.unconstrained(whole)["sigma"]
+    np.testing.assert_allclose(z[0], np.ravel(sigma)[0], rtol=1e-4, atol=1e-5)
+    none = post.sample(0, key=jax.random.key(3))
+    assert none["sigma"].shape == (0,) and none["mu"].shape == (0, 3)
+
+
 def test_files_from_before_heavy_tail_squashing_load_with_affine_tokens(counted_lf, tmp_path):
     """An estimator file whose normaliser holds only the six affine arrays (written before heavy-
     tailed tokens were squashed) loads with no token squashed and samples as it did."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import jax
@@ -194,6 +195,8 @@ def test_cli_infer_with_rounds(tmp_path, monkeypatch):
         assert main(base + ["--rounds", "2"]) == 0
     assert "round 2/2: 60 single-site simulations from the prior truncated" in err.getvalue()
     assert "of prior draws fall inside it" in err.getvalue()
+    # The posterior draws have their progress bar too (on a terminal it fills piece by piece).
+    assert re.search(r"^sample +\[#{30}\] 50/50 ", err.getvalue(), re.M), err.getvalue()
     manifest = json.loads(open(os.path.join(run, "manifest.json")).read())
     assert manifest["rounds"] == 2 and manifest["simulator_calls"] == 120
     assert 0 < manifest["truncation"]["acceptance"] <= 1 and set(manifest["truncation"]["lower"]) == {"sigma", "mu"}
