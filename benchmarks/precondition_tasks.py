@@ -1,8 +1,10 @@
-"""Benchmark: the posterior network's preconditioners on one benchmark task, against its reference.
+"""Benchmark: one LF estimator of a benchmark task against its reference posterior.
 
 Trains one LF estimator (`hierdsl.fit`, library defaults, budget 2,000) on a task of
 `hierdsl.bench.TASKS` at `--sites` sites, in one of three variants: the defaults, the locals'
-preconditioner (`posterior_precondition`) or both preconditioners (`globals_precondition` too).
+preconditioner (`posterior_precondition`) or both preconditioners (`globals_precondition` too);
+`--num-synthetic` sets how many synthetic data sets the posterior network trains on (the library
+default: `max(2000, 2 × budget)`, bounded by memory).
 Then for `--obs` data sets simulated from the prior (keys 500, 501, ...) it compares 2,000
 posterior draws with 2,000 draws of the task's reference posterior (exact, grid or NUTS): per
 parameter, the ratio of the estimator's sd to the reference's and the error of its mean in
@@ -11,6 +13,7 @@ one per data set. Measures only: nothing is asserted.
 
     python benchmarks/precondition_tasks.py gaussian_linear_uniform --variant defaults
     python benchmarks/precondition_tasks.py gaussian_mixture --variant both
+    python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --num-synthetic 1000
 """
 
 from __future__ import annotations
@@ -37,14 +40,18 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2000, help="simulator calls")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--obs", type=int, default=3, help="data sets to condition on")
+    parser.add_argument("--num-synthetic", type=int, default=None,
+                        help="synthetic data sets for the posterior network (default: the library's)")
     args = parser.parse_args()
 
     task = TASKS[args.task]
     model = hierdsl.compile(os.path.join(EXAMPLES, task.file), args={"n_sites": args.sites})
-    strategy = lf.LF(posterior_precondition=args.variant in ("pp", "both"), globals_precondition=args.variant == "both")
+    strategy = lf.LF(posterior_precondition=args.variant in ("pp", "both"), globals_precondition=args.variant == "both",
+                     num_synthetic=args.num_synthetic)
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=strategy)
-    print(json.dumps({"task": args.task, "variant": args.variant, "fit_s": round(time.perf_counter() - start),
+    print(json.dumps({"task": args.task, "variant": args.variant, "num_synthetic": args.num_synthetic,
+                      "fit_s": round(time.perf_counter() - start),
                       "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()}}), flush=True)
     data_names = [v.name for v in model.ir.by_role("observation", "input")]
     for index in range(args.obs):

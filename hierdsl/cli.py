@@ -335,7 +335,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
-# Commands that never compile a JAX program, and so leave the compilation cache alone.
+# Commands that never compile a JAX program, and so never touch the compilation cache.
 _WITHOUT_JAX = ("compile", "fmt")
 
 
@@ -346,10 +346,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     if ns.command not in _WITHOUT_JAX:
-        from hierdsl.cache import enable_compilation_cache
+        from hierdsl.cache import cache_from_environment
 
-        # Later runs of the same model and settings load the compiled programs (see hierdsl/cache.py).
-        enable_compilation_cache()
+        # With HIERDSL_JAX_CACHE set, later runs of the same model and settings load the compiled
+        # programs (see hierdsl/cache.py).
+        cache_from_environment()
     try:
         with warnings.catch_warnings():
             # Warnings from hierdsl are messages to the user, not source locations.

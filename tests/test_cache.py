@@ -71,15 +71,32 @@ def test_a_folder_that_cannot_be_made_leaves_it_off(no_cache_dir, tmp_path):
     assert jax.config.jax_compilation_cache_dir is None
 
 
-def test_cli_enables_it_for_commands_that_compile(monkeypatch, tmp_path):
+def test_cli_reads_the_environment_for_commands_that_compile(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(cache, "enable_compilation_cache", lambda *a: calls.append(a))
+    monkeypatch.setattr(cache, "cache_from_environment", lambda: calls.append(1))
     model = os.path.join(EXAMPLES, "gaussian_linear.hsbi")
     assert cli.main(["compile", model]) == 0
     assert calls == []
-    out = tmp_path / "d.csv"
-    assert cli.main(["simulate", model, "--sites", "2", "-o", str(out)]) == 0
-    assert calls == [()]
+    assert cli.main(["simulate", model, "--sites", "2", "-o", str(tmp_path / "d.csv")]) == 0
+    assert calls == [1]
+
+
+def test_the_cli_cache_is_off_unless_asked_for(no_cache_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(cache.ENV_VAR, raising=False)
+    assert cache.cache_from_environment() is None
+    assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "hierdsl").exists()
+    monkeypatch.setenv(cache.ENV_VAR, "off")
+    assert cache.cache_from_environment() is None and jax.config.jax_compilation_cache_dir is None
+    monkeypatch.setenv(cache.ENV_VAR, "on")
+    assert cache.cache_from_environment() == os.path.join(str(tmp_path), "hierdsl", "jax")
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "here"))
+    assert cache.cache_from_environment() == str(tmp_path / "here")
+    # A folder JAX was given (JAX_COMPILATION_CACHE_DIR) is used as it is, with or without ours.
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax's"))
+    monkeypatch.delenv(cache.ENV_VAR)
+    assert cache.cache_from_environment() == str(tmp_path / "jax's")
 
 
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):
