@@ -151,8 +151,8 @@ def test_check_end_to_end(trained, monkeypatch, capsys):
 
     folder, estimator, data = trained
     traces = []
-    real = inference.flow_sample
-    monkeypatch.setattr(inference, "flow_sample", lambda *a, **k: traces.append(1) or real(*a, **k))
+    real = inference.flow_integrate
+    monkeypatch.setattr(inference, "flow_integrate", lambda *a, **k: traces.append(1) or real(*a, **k))
     out = str(folder / "out")
     status = run_check([GAUSSIAN_LINEAR, "--arg", f"n_sites={SITES}", "--estimator", estimator, "--data", data,
                         "--sims", "30", "--samples", "20", "--seed", "1", "-o", out, "--quiet"])
