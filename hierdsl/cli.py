@@ -132,6 +132,13 @@ def _strategy(ns: argparse.Namespace):
     if precondition is not None and ns.method == "direct":
         raise UserError("--precondition needs --method lf (the direct method has no surrogate)")
     extra = {} if precondition is None else {"precondition": None if precondition == "off" else precondition}
+    synthetic = getattr(ns, "synthetic", None)
+    if synthetic is not None:
+        if ns.method == "direct":
+            raise UserError("--synthetic needs --method lf (the direct method trains on its simulations)")
+        if synthetic < 10:
+            raise UserError(f"--synthetic must be at least 10 data sets, got {synthetic}")
+        extra["num_synthetic"] = synthetic
     both = {name: True for name in ("posterior_precondition", "globals_precondition") if getattr(ns, name, False)}
     if not ns.epochs:
         return lf.Direct(**both) if ns.method == "direct" else lf.LF(**extra, **both)
@@ -265,6 +272,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="how the lf surrogate sees the observations: standardised by a location-scale network "
                         "fitted first (network), by a linear fit (linear), or as they are (off); "
                         "default: the library's (network)")
+    p.add_argument("--synthetic", type=int, default=None, metavar="N",
+                   help="lf: synthetic data sets the posterior network trains on, drawn from the surrogate "
+                        "without simulator calls (default: 2 per simulator call, at least 2000, bounded by memory)")
     p.add_argument("--posterior-precondition", action="store_true",
                    help="the posterior network sees each site's locals as residuals of a location-scale network "
                         "fitted to them given the globals and the site's own data (off by default)")

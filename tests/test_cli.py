@@ -132,3 +132,20 @@ def test_epochs_option_keeps_the_posterior_schedule_whole(epochs):
     # The surrogate's constant rate is stopped early as before: its patience does not change.
     surrogate = _strategy(argparse.Namespace(method="lf", epochs=epochs, precondition=None)).surrogate_training
     assert surrogate.max_epochs == epochs and surrogate.patience == lf.TrainConfig().patience
+
+
+def test_synthetic_option_sets_the_pool_of_lf_only(tmp_path):
+    """`--synthetic N` (train/infer) sets how many synthetic data sets LF's posterior trains on;
+    with `--method direct`, or below 10, it is an error with status 1."""
+    from hierdsl.cli import _strategy, build_parser
+
+    model = os.path.join(EXAMPLES, "gaussian_linear.hsbi")
+    for command in (["train", model, "-o", "e.hsbe"], ["infer", model, "--data", "d.csv"]):
+        for epochs in ([], ["--epochs", "5"]):
+            ns = build_parser().parse_args(command + ["--synthetic", "500"] + epochs)
+            assert _strategy(ns).num_synthetic == 500
+        assert _strategy(build_parser().parse_args(command)).num_synthetic is None  # the library's default
+    for extra, message in ((["--method", "direct"], "--synthetic needs --method lf"),
+                           ([], "--synthetic must be at least 10")):
+        result = run("train", model, "-o", str(tmp_path / "e.hsbe"), "--synthetic", "5", *extra)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
