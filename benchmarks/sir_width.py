@@ -11,6 +11,7 @@ summary line. Measures only: nothing is asserted.
     python benchmarks/sir_width.py --sites 3 --epochs 160           # a longer posterior stage
     python benchmarks/sir_width.py --sites 3 --method direct --budget 12000   # real simulations only
     python benchmarks/sir_width.py --sites 3 --posterior-precondition  # the betas as residuals given gamma and their site's counts
+    python benchmarks/sir_width.py --sites 3 --num-synthetic 16000  # four times the default synthetic data sets
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--posterior-precondition", action="store_true",
                         help="the posterior network sees each beta as a residual given gamma and its site's counts")
+    parser.add_argument("--num-synthetic", type=int, default=None,
+                        help="LF's synthetic data sets (default: the library's, 2 per simulator call, at least 2,000)")
     args = parser.parse_args()
 
     model = hierdsl.compile(SIR, args={"n_sites": args.sites})
     training = lf.POSTERIOR_TRAINING.with_max_epochs(args.epochs) if args.epochs else lf.POSTERIOR_TRAINING
     strategy = (lf.Direct(posterior_training=training, posterior_precondition=args.posterior_precondition)
                 if args.method == "direct"
-                else lf.LF(posterior_training=training, posterior_precondition=args.posterior_precondition))
+                else lf.LF(posterior_training=training, posterior_precondition=args.posterior_precondition,
+                           num_synthetic=args.num_synthetic))
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=strategy)
     fit_seconds = time.perf_counter() - start
