@@ -125,6 +125,9 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     first, second = (subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
                      for _ in range(2))
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    assert first.stdout.split() == [str(tmp_path / "jc"), "0"]
-    assert second.stdout.split() == [str(tmp_path / "jc"), "1"]
-    assert any(name.endswith("-cache") for name in os.listdir(tmp_path / "jc"))
+    folder, hits = first.stdout.split()
+    assert folder == str(tmp_path / "jc") and hits == "0"
+    folder, hits = second.stdout.split()
+    # At least the slow program (a small one may be kept too, where the machine compiled it slowly).
+    assert folder == str(tmp_path / "jc") and int(hits) >= 1
+    assert any(name.startswith("jit_slow-") for name in os.listdir(tmp_path / "jc"))
