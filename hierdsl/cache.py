@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache for hierdsl's programs.
 
-Most of a small run's time on a CPU is XLA compiling the training epochs, the synthetic-pool maker
+Much of a small run's time on a CPU is XLA compiling the training epochs, the synthetic-pool maker
 and the samplers. They are the same programs from one run of a model to the next, so with the cache
 on, a second `hierdsl train`, `infer` or `check` of the same model and settings loads them instead
 of compiling again. It is off unless asked for: `HIERDSL_JAX_CACHE=on` (the default folder) or
@@ -12,8 +12,8 @@ and older jaxlib on macOS could crash loading a large one.
 The default folder is `$XDG_CACHE_HOME/hierdsl/jax` (`~/.cache/hierdsl/jax`; `%LOCALAPPDATA%\\hierdsl\\jax`
 on Windows). A cache folder that JAX was already given (`JAX_COMPILATION_CACHE_DIR`, or
 `jax.config.update("jax_compilation_cache_dir", ...)` before) is left as it is. Entries are keyed by
-the program, the JAX and jaxlib versions and the backend, so a stale entry is never used; deleting
-the folder is always safe.
+the program, the JAX and jaxlib versions and the backend, so another version's entries are not
+used; deleting the folder is always safe.
 """
 
 from __future__ import annotations
