@@ -312,8 +312,7 @@ SAMPLE_CHUNK_TOKENS = 2**15
 def sample_chunk(layout) -> int:
     """The most draws `Posterior.sample` integrates at once for an estimator with this token layout:
     `SAMPLE_CHUNK_TOKENS` token values, between 32 and 512 draws."""
-    tokens = layout.num_global_tokens + layout.max_sites * layout.tokens_per_site
-    return int(min(512, max(32, SAMPLE_CHUNK_TOKENS // max(tokens, 1))))
+    return int(min(512, max(32, SAMPLE_CHUNK_TOKENS // max(layout.num_tokens, 1))))
 
 
 def _sampler(est: Estimator, sampler: lf.SamplerConfig):

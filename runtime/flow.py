@@ -318,9 +318,9 @@ def sample(
 
     **Returns:** the samples, shape `(num_samples, dim)`.
     """
-    return _integrate(vf, context, mask, base_samples(key, num_samples, mask), solver=solver,
-                      stepsize_controller=stepsize_controller, num_steps=num_steps, max_steps=max_steps,
-                      time_power=time_power)
+    return integrate(vf, context, mask, base_samples(key, num_samples, mask), solver=solver,
+                     stepsize_controller=stepsize_controller, num_steps=num_steps, max_steps=max_steps,
+                     time_power=time_power)
 
 
 @eqx.filter_jit
@@ -341,11 +341,6 @@ def integrate(
     """`sample` from given base draws `x0` (`base_samples`): each row integrated from t = 0 to
     t = 1 on its own, so a row's result does not depend on the rows beside it. The options are
     `sample`'s."""
-    return _integrate(vf, context, mask, x0, solver=solver, stepsize_controller=stepsize_controller,
-                      num_steps=num_steps, max_steps=max_steps, time_power=time_power)
-
-
-def _integrate(vf, context, mask, x0, *, solver, stepsize_controller, num_steps, max_steps, time_power):
     mask = jnp.asarray(mask)
 
     def velocity(t, x, args):

@@ -70,8 +70,7 @@ class NetworkConfig:
     def build(self, layout: TokenLayout, key: PRNGKeyArray) -> TokenTransformer:
         attention = self.attention
         if attention == "auto":
-            tokens = layout.num_global_tokens + layout.max_sites * layout.tokens_per_site
-            attention = "dense" if tokens <= DENSE_ATTENTION_MAX_TOKENS else "blockwise"
+            attention = "dense" if layout.num_tokens <= DENSE_ATTENTION_MAX_TOKENS else "blockwise"
         return TokenTransformer(layout, width=self.width, depth=self.depth, num_heads=self.num_heads,
                                 attention=attention, key=key)
 

@@ -156,6 +156,11 @@ class TokenLayout:
         return sum(s.size for s in self.site_slots)
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens in one example with every site present: the globals, then `max_sites` sites."""
+        return self.num_global_tokens + self.max_sites * self.tokens_per_site
+
+    @property
     def max_position(self) -> int:
         """One more than the largest position within a variable (the position vocabulary size)."""
         return max(s.size for s in self.slots)
