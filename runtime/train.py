@@ -70,7 +70,8 @@ class TrainResult:
 
     **Fields:**
 
-    - `model`: the vector field from the epoch with the lowest validation loss.
+    - `model`: the vector field from the epoch with the lowest validation loss (its averaged
+      weights, with `ema_decay`).
     - `train_losses`: mean training loss per epoch, shape `(num_epochs,)`.
     - `val_losses`: validation loss per epoch, shape `(num_epochs,)`.
     - `best_epoch`: the (0-based) epoch `model` comes from.
@@ -102,6 +103,28 @@ class _State(eqx.Module):
     model: PyTree
     opt_state: optax.OptState
     key: PRNGKeyArray
+    # The exponential moving average of the model's weights (`ema_decay`), or None.
+    average: PyTree
+    num_steps: Int[Array, ""]
+    ema_decay: float | None = eqx.field(static=True)
+
+    def averaged_model(self) -> PyTree:
+        """The model with the averaged weights, or the model itself without averaging."""
+        if self.ema_decay is None:
+            return self.model
+        return eqx.combine(self.average, eqx.filter(self.model, eqx.is_inexact_array, inverse=True))
+
+
+def _average(state: _State, model: PyTree) -> PyTree:
+    """The moving average after one more step that ended at `model`. Its decay starts low and
+    rises to `ema_decay` ((1 + n) / (10 + n) at step n), so that the initial weights are soon
+    forgotten."""
+    if state.ema_decay is None:
+        return None
+    n = state.num_steps.astype(jnp.float32)
+    decay = jnp.minimum(state.ema_decay, (1.0 + n) / (10.0 + n))
+    params = eqx.filter(model, eqx.is_inexact_array)
+    return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, state.average, params)
 
 
 def _step(
@@ -110,14 +133,16 @@ def _step(
     optimiser: optax.GradientTransformation,
     sigma_min: float,
 ) -> tuple[_State, Float[Array, ""]]:
-    """One optimiser step: draw the batch, then loss, gradient and Optax update."""
+    """One optimiser step: draw the batch, then loss, gradient and Optax update (and the weights'
+    moving average, if kept)."""
     key, batch_key, loss_key = jr.split(state.key, 3)
     loss, grads = eqx.filter_value_and_grad(flow_matching_loss)(
         state.model, batch_fn(batch_key), loss_key, sigma_min=sigma_min
     )
     params = eqx.filter(state.model, eqx.is_inexact_array)
     updates, opt_state = optimiser.update(grads, state.opt_state, params)
-    return _State(eqx.apply_updates(state.model, updates), opt_state, key), loss
+    model = eqx.apply_updates(state.model, updates)
+    return _State(model, opt_state, key, _average(state, model), state.num_steps + 1, state.ema_decay), loss
 
 
 def _scan_steps(
@@ -265,6 +290,7 @@ def train(
     max_epochs: int = 1000,
     patience: int = 20,
     sigma_min: float = _DEFAULT_SIGMA_MIN,
+    ema_decay: float | None = None,
     on_epoch: Callable[[int, float, float], None] | None = None,
 ) -> TrainResult:
     """Trains a vector field by minimising the flow-matching loss, with early stopping.
@@ -288,12 +314,17 @@ def train(
     - `max_epochs`: the most epochs to train.
     - `patience`: stop once the validation loss has not improved for this many epochs.
     - `sigma_min`: the width of the conditional path at t = 1.
+    - `ema_decay`: if given (e.g. 0.999), an exponential moving average of the weights is kept
+      alongside the optimiser's; validation, early stopping and the returned model use the
+      averaged weights.
     - `on_epoch`: called after every epoch as `on_epoch(epoch, train_loss, val_loss)`.
 
     **Returns:** a `TrainResult` whose `model` has the lowest validation loss seen.
     """
     if patience < 1:
         raise ValueError(f"patience must be at least 1 epoch, got {patience}.")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"ema_decay must lie strictly between 0 and 1, got {ema_decay}.")
     split_key, validation_key, state_key = jr.split(key, 3)
     generator = not isinstance(data, FlowData)
     if generator:
@@ -322,7 +353,9 @@ def train(
     # Fixed validation noise makes validation losses comparable from epoch to epoch.
     validation_chunks = _chunk(validation_data, validation_key, batch_size)
 
-    state = _State(vf, optimiser.init(eqx.filter(vf, eqx.is_inexact_array)), state_key)
+    params = eqx.filter(vf, eqx.is_inexact_array)
+    state = _State(vf, optimiser.init(params), state_key, params if ema_decay is not None else None,
+                   jnp.zeros((), jnp.int32), ema_decay)
     best_model = vf
     best_val_loss = np.inf
     best_epoch = 0
@@ -334,7 +367,8 @@ def train(
             state, train_loss = _data_epoch(
                 state, data, optimiser, sigma_min, num_batches, batch_size
             )
-        val_loss = _chunked_loss(state.model, validation_chunks, sigma_min)
+        model = state.averaged_model()
+        val_loss = _chunked_loss(model, validation_chunks, sigma_min)
         # The only host synchronisation of the epoch.
         train_loss, val_loss = np.asarray(jnp.stack([train_loss, val_loss]))
         if not np.isfinite(train_loss):
@@ -348,7 +382,7 @@ def train(
             on_epoch(epoch, float(train_loss), float(val_loss))
         if val_loss < best_val_loss:
             # Arrays are immutable, so keeping a reference is a snapshot of the weights.
-            best_model, best_val_loss, best_epoch = state.model, val_loss, epoch
+            best_model, best_val_loss, best_epoch = model, val_loss, epoch
         elif epoch - best_epoch >= patience:
             break
 

@@ -20,7 +20,7 @@ import optax
 import pytest
 from scipy import stats
 
-from hierdsl.runtime import flow, metrics, train
+from hierdsl.runtime import flow, lf, metrics, train
 
 # Python side effects run only while JAX traces, so these count traces, not calls.
 TRACES: collections.Counter = collections.Counter()
@@ -293,6 +293,42 @@ def test_training_from_a_generator():
     assert traces == [traces[0]] * 8
     with pytest.raises(ValueError, match="steps_per_epoch"):
         train.train(vf, make_batch, jr.key(22))
+
+
+def test_weight_averaging_is_the_moving_average_of_the_iterates():
+    """With `ema_decay`, the returned model is the moving average of the optimiser's iterates
+    (decay min(d, (1 + n) / (10 + n)) at step n), and the validation loss is that model's."""
+
+    def make_batch(key):
+        return _identity_data(2.0 * jr.normal(key, (32, 1)), 1.0)
+
+    vf = mlp_field(1, 1, width_size=16, depth=1, key=jr.key(40))
+    validation = _identity_data(normal(41, (64, 1)), 1.0)
+
+    def run(steps, ema_decay=None):
+        return train.train(vf, make_batch, jr.key(42), validation_data=validation, optimiser=optax.sgd(0.05),
+                           steps_per_epoch=steps, max_epochs=1, ema_decay=ema_decay)
+
+    num_steps, decay = 4, 0.5
+    # The training trajectory does not depend on the averaging: iterate n is the last (and only
+    # epoch's) model of a run of n steps.
+    iterates = [run(n).model for n in range(1, num_steps + 1)]
+    expected = eqx.filter(vf, eqx.is_inexact_array)
+    for n, iterate in enumerate(iterates):
+        d = min(decay, (1 + n) / (10 + n))
+        expected = jax.tree.map(lambda a, p: d * a + (1 - d) * p, expected, eqx.filter(iterate, eqx.is_inexact_array))
+    averaged = run(num_steps, decay)
+    for got, want in zip(jax.tree.leaves(eqx.filter(averaged.model, eqx.is_inexact_array)),
+                         jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(
+        eqx.filter(iterates[-1], eqx.is_inexact_array))))
+    np.testing.assert_allclose(
+        train.evaluate_loss(averaged.model, validation, averaged.validation_key), averaged.best_val_loss, rtol=1e-5)
+    with pytest.raises(ValueError, match="ema_decay"):
+        run(1, 1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        lf.TrainConfig(ema_decay=0.0)
 
 
 @pytest.mark.slow
