@@ -14,11 +14,14 @@ one per data set. Measures only: nothing is asserted.
     python benchmarks/precondition_tasks.py gaussian_linear_uniform --variant defaults
     python benchmarks/precondition_tasks.py gaussian_mixture --variant both
     python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --num-synthetic 1000
+    python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --learning-rate 3e-3
+    python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --ema-decay 0.999
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -42,17 +45,28 @@ def main() -> None:
     parser.add_argument("--obs", type=int, default=3, help="data sets to condition on")
     parser.add_argument("--num-synthetic", type=int, default=None,
                         help="synthetic data sets for the posterior network (default: the library's)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="the posterior stage's peak learning rate (default: the library's)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="keep and use a moving average of the posterior network's weights (e.g. 0.999)")
     args = parser.parse_args()
 
     task = TASKS[args.task]
     model = hierdsl.compile(os.path.join(EXAMPLES, task.file), args={"n_sites": args.sites})
     strategy = lf.LF(posterior_precondition=args.variant in ("pp", "both"), globals_precondition=args.variant == "both",
                      num_synthetic=args.num_synthetic)
+    training = dataclasses.replace(strategy.posterior_training, ema_decay=args.ema_decay)
+    if args.learning_rate is not None:
+        training = dataclasses.replace(training, learning_rate=args.learning_rate)
+    strategy = dataclasses.replace(strategy, posterior_training=training)
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=strategy)
+    posterior_log = est.trained.stages["posterior"]
     print(json.dumps({"task": args.task, "variant": args.variant, "num_synthetic": args.num_synthetic,
+                      "learning_rate": training.learning_rate, "ema_decay": training.ema_decay,
                       "fit_s": round(time.perf_counter() - start),
-                      "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()}}), flush=True)
+                      "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()},
+                      "posterior_val_loss": round(posterior_log.val_loss[posterior_log.best_epoch], 4)}), flush=True)
     data_names = [v.name for v in model.ir.by_role("observation", "input")]
     for index in range(args.obs):
         data = {k: np.asarray(v) for k, v in model.simulate(jax.random.key(500 + index), n_sites=args.sites).items()}

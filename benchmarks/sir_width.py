@@ -12,11 +12,14 @@ summary line. Measures only: nothing is asserted.
     python benchmarks/sir_width.py --sites 3 --method direct --budget 12000   # real simulations only
     python benchmarks/sir_width.py --sites 3 --posterior-precondition  # the betas as residuals given gamma and their site's counts
     python benchmarks/sir_width.py --sites 3 --num-synthetic 16000  # four times the default synthetic data sets
+    python benchmarks/sir_width.py --sites 3 --learning-rate 3e-3   # the posterior stage's peak rate
+    python benchmarks/sir_width.py --sites 3 --ema-decay 0.999      # its weights' moving average
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -42,6 +45,10 @@ def main() -> None:
     parser.add_argument("--method", choices=("lf", "direct"), default="lf")
     parser.add_argument("--epochs", type=int, default=None, help="posterior epochs (default: the library's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="the posterior stage's peak learning rate (default: the library's)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="keep and use a moving average of the posterior network's weights (e.g. 0.999)")
     parser.add_argument("--posterior-precondition", action="store_true",
                         help="the posterior network sees each beta as a residual given gamma and its site's counts")
     parser.add_argument("--num-synthetic", type=int, default=None,
@@ -50,6 +57,9 @@ def main() -> None:
 
     model = hierdsl.compile(SIR, args={"n_sites": args.sites})
     training = lf.POSTERIOR_TRAINING.with_max_epochs(args.epochs) if args.epochs else lf.POSTERIOR_TRAINING
+    if args.learning_rate is not None:
+        training = dataclasses.replace(training, learning_rate=args.learning_rate)
+    training = dataclasses.replace(training, ema_decay=args.ema_decay)
     strategy = (lf.Direct(posterior_training=training, posterior_precondition=args.posterior_precondition)
                 if args.method == "direct"
                 else lf.LF(posterior_training=training, posterior_precondition=args.posterior_precondition,
@@ -57,8 +67,10 @@ def main() -> None:
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=strategy)
     fit_seconds = time.perf_counter() - start
+    posterior_log = est.trained.stages["posterior"]
     print(json.dumps({"fit_seconds": round(fit_seconds, 1),
-                      "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()}}), flush=True)
+                      "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()},
+                      "posterior_val_loss": round(posterior_log.val_loss[posterior_log.best_epoch], 4)}), flush=True)
 
     ratios, errors, gamma_ratios = [], [], []
     for index, (gamma, betas) in enumerate(CASES):
