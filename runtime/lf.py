@@ -125,8 +125,8 @@ def _optimiser(config: TrainConfig, steps_per_epoch: Optional[int]):
 # error against NUTS 1.52), 80 cut that to 0.63 for about 2.5 more minutes on a 2-core CPU.
 # A peak rate of 3e-3, not 1e-3: lower validation losses at the same steps on Eight Schools (two
 # seeds) and SIR, the school effects' errors against NUTS halved, SIR's widest beta 5.8 -> 3.7 times
-# the exact sd; Gaussian Linear's loss level, its sigma a little wider at the one seed tried
-# (docs/benchmark.md, "The posterior stage's learning rate").
+# the exact sd; Gaussian Linear level (one seed better, one worse) (docs/benchmark.md, "The
+# posterior stage's learning rate").
 POSTERIOR_TRAINING = TrainConfig(learning_rate=3e-3, max_epochs=80, patience=80, schedule="cosine")
 
 
