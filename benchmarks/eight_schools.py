@@ -10,7 +10,7 @@ line for the fit and one for the comparison. Measures only: nothing is asserted.
 
     python benchmarks/eight_schools.py                        # the defaults
     python benchmarks/eight_schools.py --epochs 50            # a shorter posterior stage
-    python benchmarks/eight_schools.py --learning-rate 3e-3   # the posterior stage's peak rate
+    python benchmarks/eight_schools.py --learning-rate 1e-3   # the posterior stage's peak rate (default 3e-3)
     python benchmarks/eight_schools.py --ema-decay 0.999      # its weights' moving average
 """
 

@@ -14,7 +14,7 @@ one per data set. Measures only: nothing is asserted.
     python benchmarks/precondition_tasks.py gaussian_linear_uniform --variant defaults
     python benchmarks/precondition_tasks.py gaussian_mixture --variant both
     python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --num-synthetic 1000
-    python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --learning-rate 3e-3
+    python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --learning-rate 1e-3
     python benchmarks/precondition_tasks.py gaussian_linear --budget 1000 --ema-decay 0.999
 """
 

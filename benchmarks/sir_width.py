@@ -12,7 +12,7 @@ summary line. Measures only: nothing is asserted.
     python benchmarks/sir_width.py --sites 3 --method direct --budget 12000   # real simulations only
     python benchmarks/sir_width.py --sites 3 --posterior-precondition  # the betas as residuals given gamma and their site's counts
     python benchmarks/sir_width.py --sites 3 --num-synthetic 16000  # four times the default synthetic data sets
-    python benchmarks/sir_width.py --sites 3 --learning-rate 3e-3   # the posterior stage's peak rate
+    python benchmarks/sir_width.py --sites 3 --learning-rate 1e-3   # the posterior stage's peak rate (default 3e-3)
     python benchmarks/sir_width.py --sites 3 --ema-decay 0.999      # its weights' moving average
 """
 
