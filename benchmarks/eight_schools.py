@@ -56,17 +56,15 @@ def main() -> None:
     ref = reference_posterior(model, data.values, num_samples=args.samples, key=jax.random.key(0))
 
     training = lf.POSTERIOR_TRAINING.with_max_epochs(args.epochs) if args.epochs else lf.POSTERIOR_TRAINING
-    training = dataclasses.replace(training, ema_decay=args.ema_decay)
-    if args.learning_rate is not None:
-        training = dataclasses.replace(training, learning_rate=args.learning_rate)
+    training = dataclasses.replace(training, ema_decay=args.ema_decay,
+                                   learning_rate=args.learning_rate or training.learning_rate)
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=lf.LF(posterior_training=training))
     fit_seconds = time.perf_counter() - start
-    log = est.trained.stages["posterior"]
     print(json.dumps({"epochs": training.max_epochs, "learning_rate": training.learning_rate,
                       "ema_decay": training.ema_decay, "seed": args.seed, "fit_s": round(fit_seconds),
                       "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()},
-                      "posterior_val_loss": round(log.val_loss[log.best_epoch], 4),
+                      "posterior_val_loss": round(est.trained.stages["posterior"].best_val_loss, 4),
                       "nuts_trusted": bool(ref.trusted)}), flush=True)
 
     draws = est.condition(data).sample(args.samples, key=jax.random.key(args.seed + 1))

@@ -55,18 +55,16 @@ def main() -> None:
     model = hierdsl.compile(os.path.join(EXAMPLES, task.file), args={"n_sites": args.sites})
     strategy = lf.LF(posterior_precondition=args.variant in ("pp", "both"), globals_precondition=args.variant == "both",
                      num_synthetic=args.num_synthetic)
-    training = dataclasses.replace(strategy.posterior_training, ema_decay=args.ema_decay)
-    if args.learning_rate is not None:
-        training = dataclasses.replace(training, learning_rate=args.learning_rate)
+    training = dataclasses.replace(strategy.posterior_training, ema_decay=args.ema_decay,
+                                   learning_rate=args.learning_rate or strategy.posterior_training.learning_rate)
     strategy = dataclasses.replace(strategy, posterior_training=training)
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=strategy)
-    posterior_log = est.trained.stages["posterior"]
     print(json.dumps({"task": args.task, "variant": args.variant, "num_synthetic": args.num_synthetic,
                       "learning_rate": training.learning_rate, "ema_decay": training.ema_decay,
                       "fit_s": round(time.perf_counter() - start),
                       "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()},
-                      "posterior_val_loss": round(posterior_log.val_loss[posterior_log.best_epoch], 4)}), flush=True)
+                      "posterior_val_loss": round(est.trained.stages["posterior"].best_val_loss, 4)}), flush=True)
     data_names = [v.name for v in model.ir.by_role("observation", "input")]
     for index in range(args.obs):
         data = {k: np.asarray(v) for k, v in model.simulate(jax.random.key(500 + index), n_sites=args.sites).items()}

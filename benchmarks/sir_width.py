@@ -57,9 +57,8 @@ def main() -> None:
 
     model = hierdsl.compile(SIR, args={"n_sites": args.sites})
     training = lf.POSTERIOR_TRAINING.with_max_epochs(args.epochs) if args.epochs else lf.POSTERIOR_TRAINING
-    if args.learning_rate is not None:
-        training = dataclasses.replace(training, learning_rate=args.learning_rate)
-    training = dataclasses.replace(training, ema_decay=args.ema_decay)
+    training = dataclasses.replace(training, ema_decay=args.ema_decay,
+                                   learning_rate=args.learning_rate or training.learning_rate)
     strategy = (lf.Direct(posterior_training=training, posterior_precondition=args.posterior_precondition)
                 if args.method == "direct"
                 else lf.LF(posterior_training=training, posterior_precondition=args.posterior_precondition,
@@ -67,10 +66,9 @@ def main() -> None:
     start = time.perf_counter()
     est = hierdsl.fit(model, budget=args.budget, key=jax.random.key(args.seed), strategy=strategy)
     fit_seconds = time.perf_counter() - start
-    posterior_log = est.trained.stages["posterior"]
     print(json.dumps({"fit_seconds": round(fit_seconds, 1),
                       "stages": {k: round(v, 1) for k, v in est.trained.seconds.items()},
-                      "posterior_val_loss": round(posterior_log.val_loss[posterior_log.best_epoch], 4)}), flush=True)
+                      "posterior_val_loss": round(est.trained.stages["posterior"].best_val_loss, 4)}), flush=True)
 
     ratios, errors, gamma_ratios = [], [], []
     for index, (gamma, betas) in enumerate(CASES):

@@ -1164,6 +1164,10 @@ class StageLog:
     best_epoch: int = 0
     seconds: float = 0.0
 
+    @property
+    def best_val_loss(self) -> float:
+        return self.val_loss[self.best_epoch]
+
 
 @dataclass
 class Trained:
@@ -1792,7 +1796,7 @@ class _NoProgress:
 
 def _report(progress, label: str, log: StageLog) -> None:
     progress.message(f"{label}: {len(log.train_loss)} epochs, best {log.best_epoch + 1} "
-                     f"(validation loss {log.val_loss[log.best_epoch]:.4f}), {log.seconds:.1f}s")
+                     f"(validation loss {log.best_val_loss:.4f}), {log.seconds:.1f}s")
 
 
 def num_targets(lowered: LoweredModel, num_sites: int) -> int:
